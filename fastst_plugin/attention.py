@@ -1,0 +1,170 @@
+"""Varlen attention over packed sequences, with the backend chosen per device, dtype and shape.
+
+All backends take ``q: [T, Hq, D]``, ``k, v: [T, Hkv, D]`` (several packed sequences, boundaries in
+``cu_seqlens``) and return ``[T, Hq, D]``. Masks: bidirectional or causal, plus an optional sliding
+window ``(left, right)`` meaning a query at position i sees keys j with ``i - left <= j <= i + right``
+inside its own sequence (stock's bidirectional window ``|i - j| <= w`` is ``(w, w)``).
+
+Backends:
+  ``torch_varlen``  PyTorch's built-in FlashAttention-2 varlen kernel (``torch.nn.attention.varlen``):
+                    CUDA, fp16/bf16; windows and GQA when this torch's signature has them.
+  ``flash_attn``    the flash-attn package's ``flash_attn_varlen_func`` when installed.
+  ``sdpa``          re-pad to ``[N, L]`` and call ``scaled_dot_product_attention`` with a mask: any
+                    device and dtype, supports everything (also attention-probability dropout); the
+                    CPU default and the fallback for what the flash kernels refuse.
+  ``reference``     block-diagonal masked attention written out in plain torch: the test oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .log import warn_once
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params, "is_causal" in params
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+def available_backends() -> dict[str, str]:
+    """Backend name -> availability note, for ``fastst info``."""
+    out = {}
+    tv = _torch_varlen()
+    if tv is None:
+        out["torch_varlen"] = "unavailable (torch has no torch.nn.attention.varlen)"
+    else:
+        cuda = torch.cuda.is_available()
+        out["torch_varlen"] = (
+            f"{'available' if cuda else 'needs CUDA'} (windows: {'yes' if tv[1] else 'no'}, GQA: {'yes' if tv[2] else 'repeat kv'})"
+        )
+    out["flash_attn"] = "available" if _flash_attn() is not None else "not installed"
+    out["sdpa"] = "available (padded, masked)"
+    out["reference"] = "available (test oracle)"
+    return out
+
+
+def choose_backend(requested: str, q: torch.Tensor, window, dropout_p: float) -> str:
+    if requested not in ("auto", None):
+        return requested
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        if _flash_attn() is not None:
+            return "flash_attn"
+        tv = _torch_varlen()
+        if tv is not None and (window is None or tv[1]):
+            return "torch_varlen"
+    return "sdpa"
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = False, window=None, scale: float | None = None,
+    dropout_p: float = 0.0, backend: str = "auto", seq_info=None,
+):
+    """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    name = choose_backend(backend, q, window, dropout_p)
+    if dropout_p and name != "sdpa" and name != "reference":
+        warn_once(f"attention-probability dropout (p={dropout_p}) is not applied by the {name} kernel; hidden dropout is")
+    if name == "torch_varlen":
+        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
+    if name == "flash_attn":
+        fn = _flash_attn()
+        ws = (-1, -1) if window is None else window
+        return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale,
+                  causal=causal, window_size=ws)
+    if name == "reference":
+        return attention_reference(q, k, v, cu_seqlens, causal=causal, window=window, scale=scale)
+    return _run_sdpa(q, k, v, cu_seqlens, max_seqlen, causal, window, scale, dropout_p, seq_info)
+
+
+def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, window, scale):
+    fn, has_window, has_gqa, has_is_causal = _torch_varlen()
+    if k.shape[1] != q.shape[1] and not has_gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    kwargs = {"scale": scale}
+    if has_window:
+        left, right = window if window is not None else (-1, -1)
+        if causal:
+            right = 0
+        kwargs["window_size"] = (left, right)
+    elif has_is_causal:
+        kwargs["is_causal"] = causal
+    if has_gqa and k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def _mask_from(pos_q, pos_k, causal, window):
+    """Boolean "may attend" for query positions ``pos_q[..., :, None]`` and key positions ``pos_k[..., None, :]``."""
+    diff = pos_q[..., :, None] - pos_k[..., None, :]  # i - j
+    allowed = torch.ones_like(diff, dtype=torch.bool)
+    if causal:
+        allowed &= diff >= 0
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= diff <= left
+        if right >= 0:
+            allowed &= -diff <= right
+    return allowed
+
+
+def _run_sdpa(q, k, v, cu, max_seqlen, causal, window, scale, dropout_p, seq_info):
+    from .packing import pad_packed, unpad_to_packed
+
+    n = cu.numel() - 1
+    qp = pad_packed(q, seq_info, cu, max_seqlen)  # [N, L, H, D]
+    kp = pad_packed(k, seq_info, cu, max_seqlen)
+    vp = pad_packed(v, seq_info, cu, max_seqlen)
+    lengths = (cu[1:] - cu[:-1]).to(q.device)
+    pos = torch.arange(max_seqlen, device=q.device)
+    valid_k = pos[None, :] < lengths[:, None]  # [N, L]
+    allowed = valid_k[:, None, :].expand(n, max_seqlen, max_seqlen)
+    if causal or window is not None:
+        allowed = allowed & _mask_from(pos, pos, causal, window)[None]
+    # Padded query rows would see no key under a window/causal mask only if they had none: give
+    # them key 0 so softmax stays finite (their outputs are dropped).
+    allowed = allowed | (~valid_k)[:, :, None] & (pos[None, None, :] == 0)
+    hq, hk = q.shape[1], k.shape[1]
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=allowed[:, None],
+        dropout_p=dropout_p, scale=scale, enable_gqa=hq != hk,
+    ).transpose(1, 2)
+    return unpad_to_packed(out, seq_info, cu, max_seqlen)
+
+
+def attention_reference(q, k, v, cu_seqlens, *, causal=False, window=None, scale=None):
+    """Plain-torch varlen attention: one dense block-diagonal mask over all packed tokens (small T only)."""
+    t = q.shape[0]
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths.long())
+    pos = torch.arange(t, device=q.device) - cu_seqlens[:-1].long()[seq]
+    allowed = (seq[:, None] == seq[None, :]) & _mask_from(pos, pos, causal, window)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)

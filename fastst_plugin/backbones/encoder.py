@@ -1,0 +1,247 @@
+"""The one generic walker: a family description + a live HF model → a padding-free forward.
+
+``PackedEncoder(hf_model, spec, state)(packed)`` maps a :class:`~fastst_plugin.packing.PackedBatch`
+(``[T]`` tokens of N texts) to the last hidden states ``[T, hidden]``. It holds references to the
+model's own modules (embeddings, norms, linear layers — plain, peft LoRA or quantized) and reads
+their parameters at every call, so training, ``load_state_dict``, ``.to()`` and adapters all act on
+the same tensors stock code uses. What it adds: packing, varlen attention, Q/K/V and gate/up
+projections as one matmul, fused LoRA, and the fused norm / activation / RoPE kernels.
+
+Options are read from the model's fastst state at each call (gradient checkpointing, attention
+backend, kernels), so the trainer can switch checkpointing on after ``enable_fast``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from ..attention import varlen_attention
+from ..linear import FusedProjection, apply_linear
+from . import base_model_of
+from .spec import POST_NORM, PRE_NORM, SANDWICH_NORM, BackboneSpec, layer_types
+
+
+def resolve(root: nn.Module, path: str | None):
+    if path is None:
+        return None
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+_GLU = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu"}
+
+
+class _Layer:
+    """One transformer layer's modules, resolved once."""
+
+    def __init__(self, module: nn.Module, spec: BackboneSpec, idx: int, enc: "PackedEncoder"):
+        ls = spec.layer
+        self.ls = ls
+        self.idx = idx
+        r = partial(resolve, module)
+        self.qkv = r(ls.qkv) if ls.qkv else FusedProjection([r(ls.q), r(ls.k), r(ls.v)])
+        self.o = r(ls.o)
+        self.q_norm, self.k_norm = r(ls.q_norm), r(ls.k_norm)
+        self.attn_norm, self.post_attn_norm = r(ls.attn_norm), r(ls.post_attn_norm)
+        self.mlp_norm, self.post_mlp_norm = r(ls.mlp_norm), r(ls.post_mlp_norm)
+        if ls.mlp_in:
+            self.mlp_in = r(ls.mlp_in)
+        else:
+            self.mlp_in = FusedProjection([r(ls.mlp_gate), r(ls.mlp_up)])
+        self.mlp_out = r(ls.mlp_out)
+        config = enc.config
+        self.window = spec.window(config, idx)
+        self.layer_type = layer_types(config)[idx]
+
+
+class PackedEncoder:
+    def __init__(self, hf_model: nn.Module, spec: BackboneSpec, state):
+        self.hf_model = hf_model
+        self.base = base_model_of(hf_model)
+        self.spec = spec
+        self.state = state
+        self.config = config = self.base.config
+        b = partial(resolve, self.base)
+        self.word_embeddings = b(spec.word_embeddings)
+        self.position_embeddings = b(spec.position_embeddings)
+        self.token_type_embeddings = b(spec.token_type_embeddings)
+        self.embedding_norm = b(spec.embedding_norm)
+        self.final_norm = b(spec.final_norm)
+        self.rotary = b(spec.rotary)
+        self._rotary_takes_layer_type = (
+            self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        )
+        self.layers = [_Layer(m, spec, i, self) for i, m in enumerate(b(spec.layers))]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = spec.head_dim(config) if spec.head_dim else config.hidden_size // self.num_heads
+        self.scale = spec.attention_scale(config) if spec.attention_scale else self.head_dim**-0.5
+        self.causal = bool(spec.causal(config))
+        self.position_offset = spec.position_offset(config) if spec.position_offset else 0
+        self.embedding_scale = spec.embedding_scale(config) if spec.embedding_scale else None
+        self.hidden_dropout = float(spec.hidden_dropout(config) or 0.0)
+        self.attention_dropout = float(spec.attention_dropout(config) or 0.0)
+        self.embedding_dropout = float(spec.embedding_dropout(config) or 0.0) if spec.embedding_dropout else 0.0
+
+    # -- options, read per call -------------------------------------------------------------
+    @property
+    def kernels(self) -> bool:
+        return self.state.options.kernels == "triton"
+
+    @property
+    def attention_backend(self) -> str:
+        return self.state.options.attention
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _norm(self, x, mod, residual=None, return_residual=False):
+        return ops.apply_norm(
+            x, mod, self.spec.layer.norm, self.spec.layer.norm_offset, residual, return_residual, self.kernels
+        )
+
+    def embed(self, p) -> torch.Tensor:
+        training = self.base.training
+        h = self.word_embeddings(p.input_ids)
+        if self.embedding_scale is not None:
+            h = h * torch.tensor(self.embedding_scale, dtype=h.dtype)
+        extra = None
+        if self.position_embeddings is not None:
+            extra = self.position_embeddings(p.position_ids + self.position_offset)
+        if self.token_type_embeddings is not None:
+            tt = p.token_type_ids if p.token_type_ids is not None else torch.zeros_like(p.input_ids)
+            tte = self.token_type_embeddings(tt)
+            extra = tte if extra is None else extra + tte
+        if self.embedding_norm is not None:
+            h = self._norm(h, self.embedding_norm, residual=extra)
+        elif extra is not None:
+            h = h + extra
+        return ops.dropout(h, self.embedding_dropout, training)
+
+    def rope_tables(self, p, like: torch.Tensor):
+        """cos/sin ``[max_seqlen, D]`` per layer type, from the model's own rotary module."""
+        if self.rotary is None:
+            return {}
+        positions = torch.arange(max(p.max_seqlen, 1), device=like.device)[None]
+        tables = {}
+        for layer in self.layers:
+            key = layer.layer_type
+            if key in tables:
+                continue
+            args = (like, positions, key) if self._rotary_takes_layer_type else (like, positions)
+            cos, sin = self.rotary(*args)
+            tables[key] = (cos[0], sin[0])
+        return tables
+
+    def attention(self, layer: _Layer, x, p, tables, training):
+        t = x.shape[0]
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = layer.qkv(x, training) if isinstance(layer.qkv, FusedProjection) else apply_linear(x, layer.qkv, training)
+        q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+        q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+        if layer.ls.rope:
+            cos, sin = tables[layer.layer_type]
+            if layer.q_norm is not None:
+                q, k = ops.qk_norm_rope(
+                    q, k, layer.q_norm.weight, layer.k_norm.weight, ops.norm_eps(layer.q_norm),
+                    self.spec.layer.norm_offset, cos, sin, p.position_ids, kernels=self.kernels,
+                )
+            else:
+                q, k = ops.apply_rope(q, k, cos, sin, p.position_ids, kernels=self.kernels)
+        elif layer.q_norm is not None:
+            q = self._norm(q, layer.q_norm)
+            k = self._norm(k, layer.k_norm)
+        dt = ops.autocast_dtype(x.device.type)
+        if dt is not None:
+            # Flash kernels take fp16/bf16 only; q/k norms under autocast hand back fp32.
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        o = varlen_attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), p.cu_seqlens, p.max_seqlen,
+            causal=self.causal, window=layer.window, scale=self.scale,
+            dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
+        )
+        return apply_linear(o.reshape(t, hq * d), layer.o, training)
+
+    def mlp(self, layer: _Layer, x, training):
+        act = layer.ls.activation
+        if act in ("gelu", "gelu_tanh"):
+            mod = layer.mlp_in
+            if type(mod) is nn.Linear:
+                # bias folded into the activation kernel
+                y = torch.nn.functional.linear(x, mod.weight)
+                y = ops.bias_gelu(y, mod.bias, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
+            else:
+                y = ops.bias_gelu(apply_linear(x, mod, training), None, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
+        else:
+            y = layer.mlp_in(x, training) if isinstance(layer.mlp_in, FusedProjection) else apply_linear(x, layer.mlp_in, training)
+            y = ops.gated_activation(y, _GLU[act], kernels=self.kernels)
+        return apply_linear(y, layer.mlp_out, training)
+
+    def layer_forward(self, layer: _Layer, h, p, tables):
+        training = self.base.training
+        pd = self.hidden_dropout
+        wiring = layer.ls.wiring
+        if wiring == POST_NORM:
+            a = ops.dropout(self.attention(layer, h, p, tables, training), pd, training)
+            h = self._norm(a, layer.post_attn_norm, residual=h)
+            m = ops.dropout(self.mlp(layer, h, training), pd, training)
+            return self._norm(m, layer.post_mlp_norm, residual=h)
+        x = self._norm(h, layer.attn_norm)
+        a = self.attention(layer, x, p, tables, training)
+        if wiring == SANDWICH_NORM:
+            a = self._norm(a, layer.post_attn_norm)
+        a = ops.dropout(a, pd, training)
+        x, h = self._norm(a, layer.mlp_norm, residual=h, return_residual=True)
+        m = self.mlp(layer, x, training)
+        if wiring == SANDWICH_NORM:
+            m = self._norm(m, layer.post_mlp_norm)
+        m = ops.dropout(m, pd, training)
+        return h + m.to(h.dtype)
+
+    # -- whole forward ------------------------------------------------------------------------
+    def __call__(self, p) -> torch.Tensor:
+        h = self.embed(p)
+        tables = self.rope_tables(p, h)
+        mode = self.state.options.gradient_checkpointing
+        use_ckpt = mode != "off" and self.base.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_ckpt:
+                h = self._checkpointed(layer, h, p, tables, mode)
+            else:
+                h = self.layer_forward(layer, h, p, tables)
+        if self.final_norm is not None:
+            h = self._norm(h, self.final_norm)
+        return h
+
+    def _checkpointed(self, layer, h, p, tables, mode):
+        fn = partial(self.layer_forward, layer, p=p, tables=tables)
+        if mode == "offload":
+            # Keep the layer's saved activations in pinned host memory; copies overlap compute.
+            with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda):
+                return fn(h)
+        if mode == "selective":
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            return checkpoint(fn, h, use_reentrant=False, context_fn=_selective_context)
+        return checkpoint(fn, h, use_reentrant=False)
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    """Keep matmul outputs (expensive to recompute, cheap per byte); recompute norms and activations."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    keep = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)

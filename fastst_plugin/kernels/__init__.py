@@ -1,0 +1,1 @@
+"""Fused ops: one op per file, each with its Triton kernels, autograd wrapper and torch reference."""

@@ -1,0 +1,110 @@
+"""Apply a backbone's linear layers as they are: plain ``nn.Linear``, peft LoRA, or quantized.
+
+The fast forward never swaps modules: it calls these helpers with the model's own modules, so
+whatever peft or bitsandbytes put there is honoured. Plain LoRA (one active adapter, no DoRA or
+other variant) goes through the fused LoRA node; anything else runs the module's own forward,
+which is correct on packed ``[T, in]`` inputs too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels.lora import lora_linear
+
+try:  # peft is a dependency, but keep the fast path importable without it
+    from peft.tuners.lora import LoraLayer
+except Exception:  # pragma: no cover
+    LoraLayer = ()
+
+
+def _plain_lora(mod):
+    """(base, A, B, scaling, dropout_p) when ``mod`` is a peft LoRA layer we can fuse, else None."""
+    if not isinstance(mod, LoraLayer) or getattr(mod, "disable_adapters", False) or getattr(mod, "merged", False):
+        return None
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(mod, "lora_variant", {}) or getattr(mod, "use_dora", {}).get(name, False):
+        return None  # DoRA and other variants: peft's own forward
+    if getattr(mod, "fan_in_fan_out", False):
+        return None
+    drop = mod.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    return mod.base_layer, mod.lora_A[name].weight, mod.lora_B[name].weight, mod.scaling[name], p
+
+
+def _base_weight(base):
+    """(weight, weight_fn): plain weights directly; bitsandbytes weights de-quantized on demand."""
+    w = base.weight
+    if type(base) is nn.Linear or (isinstance(base, nn.Linear) and not hasattr(w, "quant_state") and w.dtype.is_floating_point):
+        return w, None
+    cls = type(w).__name__
+    if cls == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return None, lambda: bnbf.dequantize_4bit(w.data, w.quant_state)
+    return None, None  # unknown (8-bit etc.): caller falls back to the module
+
+
+def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool) -> torch.Tensor:
+    if type(mod) is nn.Linear:
+        return F.linear(x, mod.weight, mod.bias)
+    lora = _plain_lora(mod)
+    if lora is not None:
+        base, a, b, scaling, p = lora
+        weight, weight_fn = _base_weight(base)
+        if weight is not None or weight_fn is not None:
+            return lora_linear(x, weight, base.bias, a, b, scaling, p, training, weight_fn=weight_fn)
+    return mod(x)
+
+
+class FusedProjection:
+    """Several linear layers reading the same input (Q/K/V, gate/up), run as one matmul.
+
+    Parameters stay where they are (``query.weight`` etc.): the concatenated weight is built per call
+    when it is trained, and cached while it is frozen (LoRA), keyed by the tensors' identity and
+    version so an optimizer step, ``.to()`` or a load invalidates it. LoRA adapters of the group are
+    fused too: A matrices stacked, B matrices block-diagonal, so the whole group is one LoRA node.
+    Mixed or unusual groups (DoRA, dropout, quantized bases, different adapter sets) fall back to
+    one call per module; the result is the same concatenation.
+    """
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self._cache_key = None
+        self._cache = None
+
+    def _frozen_cat(self, tensors):
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
+        if key != self._cache_key:
+            self._cache = torch.cat([t.detach() for t in tensors], 0)
+            self._cache_key = key
+        return self._cache
+
+    def _cat(self, tensors):
+        if any(t is None for t in tensors):
+            return None if all(t is None for t in tensors) else "mixed"
+        if any(t.requires_grad for t in tensors):
+            return torch.cat(tensors, 0)
+        return self._frozen_cat(tensors)
+
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        mods = self.modules
+        if all(type(m) is nn.Linear for m in mods):
+            w = self._cat([m.weight for m in mods])
+            b = self._cat([m.bias for m in mods])
+            if not isinstance(b, str):
+                return F.linear(x, w, b)
+        loras = [_plain_lora(m) for m in mods]
+        if all(l is not None and type(l[0]) is nn.Linear and l[4] == 0.0 for l in loras):
+            w = self._cat([l[0].weight for l in loras])
+            b = self._cat([l[0].bias for l in loras])
+            if not isinstance(b, str):
+                a_cat = torch.cat([l[1] for l in loras], 0)
+                b_block = torch.block_diag(*[l[2] * l[3] for l in loras])
+                return lora_linear(x, w, b, a_cat, b_block, 1.0, 0.0, training)
+        return torch.cat([apply_linear(x, m, training) for m in mods], -1)
