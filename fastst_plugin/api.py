@@ -102,6 +102,9 @@ def enable_fast(model, lora: Any = None, **options: Any):
     hf_model = transformer.model if transformer is not None else None
     spec = find_spec(hf_model) if hf_model is not None else None
 
+    if spec is not None and opts.kernels != "off":
+        _check_dtype(model, spec)
+
     # LoRA / QLoRA first: the fast forward reads whatever linear modules are there (plain or peft).
     if lora is not None:
         if state.lora_config is None and not adapters.has_adapters(model):
@@ -145,6 +148,19 @@ def enable_fast(model, lora: Any = None, **options: Any):
     state.summary = _summary(model, state)
     logger.info(state.summary)
     return model
+
+
+def _check_dtype(model, spec) -> None:
+    import torch
+
+    if spec.half_precision_ok:
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if torch.float16 in dtypes:
+        raise ValueError(
+            f"{spec.family} activations overflow float16 (stock produces NaN); load the model in bfloat16 "
+            "(model_kwargs={'torch_dtype': torch.bfloat16}) or float32"
+        )
 
 
 def _supported() -> list[str]:

@@ -36,6 +36,8 @@ class FastOptions:
     kernels: ``"triton"`` (fused kernels, padding-free path), ``"torch"`` (padding-free path on torch
         reference ops) or ``"off"`` / ``False`` (leave the forward stock: LoRA and checkpointing only).
     packing: pack every text of a call into one padding-free token stream (default on).
+    cuda_graphs: replay the packed forward/backward from CUDA graphs captured per token-count bucket
+        (default on; CUDA only, see :mod:`fastst_plugin.graphs` for when it falls back to eager).
     """
 
     gradient_checkpointing: str = "off"
@@ -43,7 +45,7 @@ class FastOptions:
     attention: str = "auto"
     kernels: str = "triton"
     packing: bool = True
-    lora_dropout_fast_path: bool = True
+    cuda_graphs: bool = True
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -104,7 +106,7 @@ _NORMALIZERS = {
     "kernels": _normalize_kernels,
     "attention": _normalize_attention,
     "packing": bool,
-    "lora_dropout_fast_path": bool,
+    "cuda_graphs": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on"),
 }
 
 
@@ -116,6 +118,7 @@ def env_defaults() -> dict[str, Any]:
         ("kernels", "FASTST_KERNELS"),
         ("attention", "FASTST_ATTENTION"),
         ("quantization", "FASTST_QUANTIZATION"),
+        ("cuda_graphs", "FASTST_CUDA_GRAPHS"),
     ):
         if os.environ.get(var):
             out[name] = os.environ[var]

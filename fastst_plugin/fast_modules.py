@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .packing import HOST_PACK_KEY, PACKED_KEY, host_pack, pack_features
+from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack, pack_features
 from .pooling import SUPPORTED_MODES, packed_pool, pooling_modes
 
 _STOCK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("fastst_stock_only", default=False)
@@ -69,6 +69,7 @@ def install(model, transformer, spec, state) -> None:
     from .backbones.encoder import PackedEncoder
 
     encoder = PackedEncoder(transformer.model, spec, state)
+    encoder.max_seq_length = transformer.max_seq_length
     state.encoder = encoder
     patches = state.patches
     Pooling = _pooling_class()
@@ -117,8 +118,13 @@ def install(model, transformer, spec, state) -> None:
             or getattr(transformer.model.config, "output_hidden_states", False)
         ):
             return stock_forward_fn(features, **kwargs)
-        packed = pack_features(features)
-        hidden = encoder(packed)
+        hp = features.get(HOST_PACK_KEY)
+        ids = features["input_ids"]
+        if isinstance(hp, HostPack) and hp.matches(ids):
+            hidden, packed = encoder.run_host(hp, ids.device)
+        else:
+            packed = pack_features(features)
+            hidden = encoder(packed)
         features[PACKED_KEY] = packed
         if packed_pooling:
             features["token_embeddings"] = hidden
@@ -151,7 +157,7 @@ def install(model, transformer, spec, state) -> None:
     stock_model_forward = model.forward
 
     def model_forward(input, **kwargs):
-        if not kwargs and isinstance(input, dict):
+        if not kwargs:
             out = precomputed_output(input)
             if out is not None:
                 input.update(out)

@@ -79,6 +79,10 @@ class FusedProjection:
         self._cache = None
 
     def _frozen_cat(self, tensors):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Inside a CUDA graph the concatenation is part of the replay, so it always reads the
+            # parameters' current storage (a cached copy could go stale behind the graph's back).
+            return torch.cat([t.detach() for t in tensors], 0)
         key = tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
         if key != self._cache_key:
             self._cache = torch.cat([t.detach() for t in tensors], 0)

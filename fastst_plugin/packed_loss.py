@@ -62,8 +62,7 @@ def _run_combined(model, features_list):
     transformer = _find_transformer(model)
     device = features_list[0]["input_ids"].device
     packs = [f[HOST_PACK_KEY] for f in features_list]
-    packed = combine_host_packs(packs).to(device)
-    hidden = state.encoder(packed)
+    hidden, packed = state.encoder.run_host(combine_host_packs(packs), device)
     feats: dict[str, Any] = {"token_embeddings": hidden, PACKED_KEY: packed}
     if "prompt_length" in features_list[0]:
         feats["prompt_length"] = features_list[0]["prompt_length"]

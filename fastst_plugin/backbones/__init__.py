@@ -6,20 +6,10 @@ from .bert import BERT
 from .modernbert import MODERNBERT
 from .spec import BackboneSpec
 
-REGISTRY: list[BackboneSpec] = [BERT, MODERNBERT]
+from .gemma3 import GEMMA3
+from .qwen3 import QWEN3
 
-try:  # families whose description lives in their own file; registered when present
-    from .gemma3 import GEMMA3
-
-    REGISTRY.append(GEMMA3)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .qwen3 import QWEN3
-
-    REGISTRY.append(QWEN3)
-except ImportError:  # pragma: no cover
-    pass
+REGISTRY: list[BackboneSpec] = [BERT, MODERNBERT, GEMMA3, QWEN3]
 
 
 def base_model_of(hf_model):

@@ -91,6 +91,8 @@ class PackedEncoder:
         self.hidden_dropout = float(spec.hidden_dropout(config) or 0.0)
         self.attention_dropout = float(spec.attention_dropout(config) or 0.0)
         self.embedding_dropout = float(spec.embedding_dropout(config) or 0.0) if spec.embedding_dropout else 0.0
+        self.graphed = None  # GraphedEncoder, created on the first CUDA call
+        self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
     # -- options, read per call -------------------------------------------------------------
     @property
@@ -206,7 +208,41 @@ class PackedEncoder:
         return h + m.to(h.dtype)
 
     # -- whole forward ------------------------------------------------------------------------
+    @property
+    def pad_token_id(self) -> int:
+        return int(getattr(self.config, "pad_token_id", None) or 0)
+
+    @property
+    def uses_token_types(self) -> bool:
+        return self.token_type_embeddings is not None
+
+    def run_host(self, hp, device):
+        """Hidden states for a host pack: replayed from a CUDA graph when possible, else eagerly.
+        Returns ``(hidden [T, H], PackedBatch on device)``."""
+        p = hp.to(device)
+        if self.state.options.cuda_graphs and device.type == "cuda":
+            if self.graphed is None:
+                from ..graphs import GraphedEncoder
+
+                cap = self.max_positions()
+                self.graphed = GraphedEncoder(self, cap)
+            out = self.graphed.run(hp, device)
+            if out is not None:
+                return out, p
+        return self.forward_eager(p), p
+
+    def max_positions(self) -> int:
+        """The longest text the graphs are captured for: the model's ``max_seq_length`` when known."""
+        return int(self.max_seq_length or getattr(self.config, "max_position_embeddings", 512))
+
     def __call__(self, p) -> torch.Tensor:
+        return self.forward_eager(p)
+
+    def forward_eager(self, p) -> torch.Tensor:
+        if not self.spec.half_precision_ok and ops.autocast_dtype(p.input_ids.device.type) == torch.float16:
+            raise ValueError(
+                f"{self.spec.family} overflows float16 (stock gives NaN): train with bf16=True or in fp32, not fp16=True"
+            )
         h = self.embed(p)
         tables = self.rope_tables(p, h)
         mode = self.state.options.gradient_checkpointing

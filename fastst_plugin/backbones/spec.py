@@ -72,6 +72,7 @@ class BackboneSpec:
     embedding_dropout: Callable | None = None
     # LoRA targets used by ``lora=True`` / an int rank
     lora_targets: tuple[str, ...] = ()
+    half_precision_ok: bool = True  # False: fp16 overflows (Gemma3): refuse fp16, bf16/fp32 only
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -1,0 +1,227 @@
+"""CUDA graphs over token-count buckets: the packed encoder's forward and backward replayed, not re-launched.
+
+Why: a packed bert-base LoRA step is a few milliseconds of GPU work spread over ~1,000 kernel
+launches; in eager mode the host spends longer launching them (Python, autograd, Triton's launcher)
+than the GPU spends running them. A captured graph replays all of them with one call.
+
+How: a packed batch (``T`` tokens, ``N`` texts) is padded up to a bucket (``T_b`` tokens in steps of
+about 1/8 of T, ``N_b`` sequences in steps of 64): the extra tokens form dummy sequences whose
+outputs are dropped, the extra sequences have length zero. Per bucket, one forward graph and one
+backward graph are captured (after warm-up on a side stream), sharing one memory pool; the static
+inputs are filled straight from the host pack (no host sync). The pattern follows
+``torch.cuda.make_graphed_callables``, with two differences: parameter gradients are returned as
+copies (autograd would otherwise keep a view of the static gradient buffer as ``param.grad``, and
+the next replay would overwrite it, e.g. under gradient accumulation), and a replay is refused —
+the eager path runs instead — while an earlier graphed forward still waits for its backward (its
+saved activations live in the shared pool).
+
+Not graphed (eager fallback, same results): CPU, autocast with caching, gradient checkpointing,
+torch.distributed, cached (GradCache) losses, inputs without a host pack, texts longer than the
+capture's length cap, and anything that fails to capture (one warning, then eager for this model).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from .log import warn_once
+from .packing import HostPack, PackedBatch
+
+
+def bucket_tokens(t: int) -> int:
+    step = max(256, (1 << (max(t, 1).bit_length() - 1)) // 8)
+    return int(math.ceil(t / step) * step)
+
+
+def bucket_seqs(n: int) -> int:
+    return int(math.ceil(max(n, 1) / 64) * 64)
+
+
+class _StaticBatch:
+    """The static input tensors of one bucket, in the PackedBatch shape the encoder reads."""
+
+    def __init__(self, t_b: int, n_b: int, cap: int, device, with_token_types: bool):
+        self.input_ids = torch.zeros(t_b, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(t_b, dtype=torch.long, device=device)
+        self.token_type_ids = torch.zeros(t_b, dtype=torch.long, device=device) if with_token_types else None
+        self.cu_seqlens = torch.zeros(n_b + 1, dtype=torch.int32, device=device)
+        self.pad_index = torch.zeros(t_b, dtype=torch.long, device=device)
+        self.max_seqlen = cap
+        self.t_b, self.n_b = t_b, n_b
+
+    def tensors(self):
+        return [t for t in (self.input_ids, self.position_ids, self.token_type_ids, self.cu_seqlens, self.pad_index) if t is not None]
+
+    def as_packed(self) -> PackedBatch:
+        return PackedBatch(
+            input_ids=self.input_ids, position_ids=self.position_ids, token_type_ids=self.token_type_ids,
+            cu_seqlens=self.cu_seqlens, seq_idx=None, orig_index=None, pad_index=self.pad_index, lengths=None,
+            max_seqlen=self.max_seqlen, orig_shape=(self.n_b, self.max_seqlen),
+        )
+
+    def fill(self, hp: HostPack, pad_token_id: int) -> None:
+        """Copy a host pack into the static inputs, padding with dummy sequences (host work only)."""
+        t, n, cap = int(hp.cu_seqlens[-1]), hp.num_seqs, self.max_seqlen
+        extra = self.t_b - t
+        dummy_lengths = [cap] * (extra // cap) + ([extra % cap] if extra % cap else [])
+        ids = torch.full((self.t_b,), pad_token_id, dtype=torch.long)
+        ids[:t] = hp.input_ids
+        pos = torch.empty(self.t_b, dtype=torch.long)
+        pos[:t] = hp.position_ids
+        cu = torch.empty(self.n_b + 1, dtype=torch.int32)
+        cu[: n + 1] = hp.cu_seqlens
+        offset, k = t, n
+        for length in dummy_lengths:
+            pos[offset : offset + length] = torch.arange(length)
+            offset += length
+            k += 1
+            cu[k] = offset
+        cu[k + 1 :] = self.t_b
+        seq = torch.repeat_interleave(torch.arange(self.n_b), (cu[1:] - cu[:-1]).long(), output_size=self.t_b)
+        self.input_ids.copy_(ids, non_blocking=True)
+        self.position_ids.copy_(pos, non_blocking=True)
+        self.cu_seqlens.copy_(cu, non_blocking=True)
+        self.pad_index.copy_(seq * cap + pos, non_blocking=True)
+        if self.token_type_ids is not None:
+            tt = torch.zeros(self.t_b, dtype=torch.long)
+            if hp.token_type_ids is not None:
+                tt[:t] = hp.token_type_ids
+            self.token_type_ids.copy_(tt, non_blocking=True)
+
+    def fits(self, hp: HostPack) -> bool:
+        t = int(hp.cu_seqlens[-1])
+        n_dummy = math.ceil((self.t_b - t) / self.max_seqlen)
+        return t <= self.t_b and hp.num_seqs + n_dummy <= self.n_b and hp.max_seqlen <= self.max_seqlen
+
+
+class _Captured:
+    def __init__(self, fwd, bwd, static: _StaticBatch, out, grad_out, params, grad_params):
+        self.fwd, self.bwd, self.static = fwd, bwd, static
+        self.out, self.grad_out = out, grad_out
+        self.params, self.grad_params = params, grad_params
+
+
+class GraphedEncoder:
+    """Replays a PackedEncoder's forward/backward per bucket; ``None`` from ``run`` means "use eager"."""
+
+    def __init__(self, encoder, cap: int):
+        self.encoder = encoder
+        self.cap = cap
+        self.graphs: dict[tuple, _Captured] = {}
+        self.pool = None
+        self.disabled_reason: str | None = None
+        self._pending = None  # weakref to the autograd node of a graphed forward awaiting its backward
+        self._signature = None  # parameter storage addresses the graphs were captured with
+
+    # -- eligibility ----------------------------------------------------------------------------
+    def _eligible(self, hp: HostPack, device) -> bool:
+        if self.disabled_reason is not None or device.type != "cuda":
+            return False
+        if hp.max_seqlen > self.cap:
+            return False
+        if torch.is_autocast_enabled("cuda"):
+            return False  # autocast's weight cache cannot live across replays
+        if self.encoder.state.options.gradient_checkpointing != "off":
+            return False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return False
+        if self._pending is not None and self._pending() is not None:
+            return False  # an earlier graphed forward still waits for its backward: its activations are in the pool
+        signature = tuple(p.data_ptr() for p in self.encoder.base.parameters())
+        if signature != self._signature:
+            # Parameters were replaced (.to(), a new state dict assigned, adapters added): the graphs
+            # read the old storage, so drop them and capture again.
+            self.graphs.clear()
+            self._signature = signature
+        return True
+
+    def _params(self):
+        return tuple(p for p in self.encoder.base.parameters() if p.requires_grad)
+
+    # -- capture ----------------------------------------------------------------------------------
+    def _capture(self, key, hp: HostPack, device) -> _Captured:
+        t_b, n_b, training, with_tt, grad = key
+        static = _StaticBatch(t_b, n_b, self.cap, device, with_tt)
+        static.fill(hp, self.encoder.pad_token_id)
+        params = self._params() if grad else ()
+        packed = static.as_packed()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
+                with torch.set_grad_enabled(grad):
+                    out = self.encoder.forward_eager(packed)
+                    if grad and params:
+                        torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
+                del out
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        fwd = torch.cuda.CUDAGraph()
+        with torch.set_grad_enabled(grad):
+            with torch.cuda.graph(fwd, pool=self.pool):
+                out = self.encoder.forward_eager(packed)
+        bwd = grad_out = grad_params = None
+        if grad and params and out.requires_grad:
+            grad_out = torch.empty_like(out)
+            bwd = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(bwd, pool=self.pool):
+                grad_params = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+        return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params)
+
+    # -- replay -----------------------------------------------------------------------------------
+    def run(self, hp: HostPack, device) -> torch.Tensor | None:
+        if not self._eligible(hp, device):
+            return None
+        t = int(hp.cu_seqlens[-1])
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.base.parameters())
+        key = (bucket_tokens(t), bucket_seqs(hp.num_seqs + math.ceil((bucket_tokens(t) - t) / self.cap)),
+               self.encoder.base.training, self.encoder.uses_token_types, grad)
+        cap = self.graphs.get(key)
+        if cap is None:
+            try:
+                cap = self._capture(key, hp, device)
+            except Exception as exc:  # capture is an optimisation: never let it break training
+                self.disabled_reason = f"{type(exc).__name__}: {exc}"
+                warn_once(f"CUDA graph capture failed ({self.disabled_reason}); this model runs eagerly")
+                return None
+            self.graphs[key] = cap
+        if not cap.static.fits(hp):
+            return None
+        cap.static.fill(hp, self.encoder.pad_token_id)
+        if cap.bwd is None:
+            cap.fwd.replay()
+            return cap.out[:t].clone()
+        full = _GraphedStep.apply(cap, *cap.params)
+        try:
+            self._pending = weakref.ref(full.grad_fn)
+        except TypeError:  # pragma: no cover - node without weakref support: rely on backward's flag
+            self._pending = None
+        cap.owner = self
+        return full[:t]
+
+
+class _GraphedStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cap: _Captured, *params):
+        ctx.cap = cap
+        cap.fwd.replay()
+        return cap.out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cap = ctx.cap
+        owner = getattr(cap, "owner", None)
+        if owner is not None:
+            owner._pending = None
+        if grad.data_ptr() != cap.grad_out.data_ptr():
+            cap.grad_out.copy_(grad)
+        cap.bwd.replay()
+        # Copies: the static buffers are overwritten by the next replay.
+        return (None, *(g.clone() if g is not None else None for g in cap.grad_params))

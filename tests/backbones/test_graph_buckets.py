@@ -1,0 +1,39 @@
+"""The CUDA-graph bucket padding (fastst_plugin.graphs) checked on the CPU: a batch padded up to its
+bucket with dummy sequences gives the real sequences exactly the hidden states they get unpadded."""
+
+from __future__ import annotations
+
+import torch
+
+import fastst_plugin
+from fastst_plugin.graphs import _StaticBatch, bucket_seqs, bucket_tokens
+from fastst_plugin.packing import host_pack
+
+from ._models import save_tiny
+
+
+def test_buckets_grow_by_about_an_eighth():
+    assert bucket_tokens(1) == 256
+    assert bucket_tokens(6200) == 6656  # steps of 512 between 4096 and 8191
+    assert bucket_tokens(6656) == 6656
+    assert bucket_seqs(130) == 192
+
+
+def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
+    model = save_tiny(tmp_path, "bert")
+    model.eval()
+    fastst_plugin.enable_fast(model, kernels="torch")
+    encoder = fastst_plugin.api.get_state(model).encoder
+    features = model.preprocess(["hello world", "a longer text about packages and more", "x"])
+    hp = host_pack(features["input_ids"], features["attention_mask"], features.get("token_type_ids"))
+    t = int(hp.cu_seqlens[-1])
+    static = _StaticBatch(bucket_tokens(t), bucket_seqs(hp.num_seqs + 2), 16, torch.device("cpu"), True)
+    assert static.fits(hp)
+    static.fill(hp, encoder.pad_token_id)
+    cu = static.cu_seqlens
+    assert int(cu[hp.num_seqs]) == t and int(cu[-1]) == static.t_b
+    assert int((cu[1:] - cu[:-1]).max()) <= 16  # dummy sequences respect the length cap
+    with torch.no_grad():
+        padded = encoder.forward_eager(static.as_packed())[:t]
+        plain = encoder.forward_eager(hp.to("cpu"))
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
