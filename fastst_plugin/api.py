@@ -121,6 +121,7 @@ def enable_fast(model, lora: Any = None, **options: Any):
         )
 
     # Re-install the forward from scratch on every call: options may have changed.
+    _release_graphs(state)
     state.patches.revert()
     state.options = opts
     setattr(model, _STATE_ATTR, state)
@@ -163,6 +164,13 @@ def _check_dtype(model, spec) -> None:
         )
 
 
+def _release_graphs(state: FastState) -> None:
+    graphed = getattr(state.encoder, "graphed", None)
+    if graphed is not None:
+        graphed.release()
+    state.encoder = None
+
+
 def _supported() -> list[str]:
     from .backbones import REGISTRY
 
@@ -189,6 +197,7 @@ def disable_fast(model):
     state = get_state(model)
     if state is None:
         return model
+    _release_graphs(state)
     state.patches.revert()
     try:
         delattr(model, _STATE_ATTR)

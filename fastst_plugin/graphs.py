@@ -17,7 +17,10 @@ saved activations live in the shared pool).
 
 Not graphed (eager fallback, same results): CPU, autocast with caching, gradient checkpointing,
 torch.distributed, cached (GradCache) losses, inputs without a host pack, texts longer than the
-capture's length cap, and anything that fails to capture (one warning, then eager for this model).
+capture's length cap, batches over ``GRAPH_MAX_TOKENS`` tokens (GPU-bound anyway; measured: 64 pairs
+of 1024-token documents captured a new bucket almost every step and held ~100 GB of graph pools),
+sizes beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one warning, then
+eager for this model).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ import torch
 
 from .log import warn_once
 from .packing import HostPack, PackedBatch
+
+
+NO_GRAD_CAPTURE_AFTER = 3
+# Past this many tokens a step is GPU-bound (launch overhead is a few percent), while each captured
+# bucket keeps its activations reserved in the graph pool: long documents run eagerly.
+GRAPH_MAX_TOKENS = 32768
+# Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
+MAX_GRAPHS = 8
 
 
 def bucket_tokens(t: int) -> int:
@@ -115,12 +126,19 @@ class GraphedEncoder:
         self.disabled_reason: str | None = None
         self._pending = None  # weakref to the autograd node of a graphed forward awaiting its backward
         self._signature = None  # parameter storage addresses the graphs were captured with
+        self._seen: dict[tuple, int] = {}
+
+    def release(self) -> None:
+        """Drop every captured graph (their pool memory goes back once nothing else holds it)."""
+        self.graphs.clear()
+        self.pool = None
+        self._pending = None
 
     # -- eligibility ----------------------------------------------------------------------------
     def _eligible(self, hp: HostPack, device) -> bool:
         if self.disabled_reason is not None or device.type != "cuda":
             return False
-        if hp.max_seqlen > self.cap:
+        if hp.max_seqlen > self.cap or int(hp.cu_seqlens[-1]) > GRAPH_MAX_TOKENS:
             return False
         if torch.is_autocast_enabled("cuda"):
             return False  # autocast's weight cache cannot live across replays
@@ -184,6 +202,14 @@ class GraphedEncoder:
                self.encoder.base.training, self.encoder.uses_token_types, grad)
         cap = self.graphs.get(key)
         if cap is None:
+            # Training steps repeat their few buckets from the first step on; inference (no grad)
+            # walks through many sizes once (encode sorts by length), so capture those only for
+            # buckets that keep coming back.
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if not grad and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
+                return None
+            if len(self.graphs) >= MAX_GRAPHS:
+                return None
             try:
                 cap = self._capture(key, hp, device)
             except Exception as exc:  # capture is an optimisation: never let it break training

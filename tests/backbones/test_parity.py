@@ -184,3 +184,26 @@ def test_fp16_refused_for_gemma(tmp_path):
     with pytest.raises(ValueError, match="float16"):
         fastst_plugin.enable_fast(model)
     assert not fastst_plugin.is_fast(model)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_bf16_gradients_as_close_to_fp32_as_stock(tmp_path, family):
+    """In bf16, fastst and stock each round differently; measured against fp32, fastst is no worse.
+
+    (On the GPU, q/k-norm weight gradients of the real configurations differ by ~5% between the two
+    bf16 runs while each is ~3% from fp32: the gap is rounding, not a different function.)"""
+    import copy
+
+    texts = TEXTS * 4
+    model32 = save_tiny(tmp_path, family)
+    model32.eval()
+    _, g32 = _embed_and_grads(model32, texts)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    _, g_stock = _embed_and_grads(model16, texts)
+    fastst_plugin.enable_fast(model16, kernels="torch")
+    _, g_fast = _embed_and_grads(model16, texts)
+
+    def worst(g):
+        return max(((g[n].float() - g32[n]).norm() / g32[n].norm()).item() for n in g32 if not n.endswith("k_proj.bias"))
+
+    assert worst(g_fast) <= 1.5 * worst(g_stock) + 1e-3

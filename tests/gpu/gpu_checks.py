@@ -1,7 +1,8 @@
 """GPU checks for the fast path (run through the device tool; writes JSON lines to $OUT or ./gpu-out).
 
     python tests/gpu/gpu_checks.py parity [models...]      bf16 embeddings + gradients vs stock
-    python tests/gpu/gpu_checks.py speed  [models...]      quick LoRA MNRL step A/B (the real numbers come from `fastst bench`)
+
+Speed and memory come from `fastst bench`, not from here.
 """
 
 from __future__ import annotations
@@ -78,88 +79,30 @@ def parity(key, dtype=torch.bfloat16):
 
     ref, gref = run()
     fastst_plugin.enable_fast(m)
-    out, g = run()
+    for variant in ("graphs", "graphs-replay", "eager"):
+        if variant == "eager":
+            fastst_plugin.enable_fast(m, cuda_graphs=False)
+        out, g = run()
+        _compare(key, dtype, variant, m, ref, gref, out, g)
+    del m, built
+    _empty()
+
+
+def _compare(key, dtype, variant, m, ref, gref, out, g):
+    import fastst_plugin
+
     cos = torch.nn.functional.cosine_similarity(ref, out).min().item()
     # Attention key biases get a mathematically zero gradient (softmax is shift-invariant): skip them.
     named = sorted((((g[n] - gref[n]).norm() / (gref[n].norm() + 1e-20)).item(), n) for n in gref
                    if not (n.endswith("key.bias") or n.endswith("k_proj.bias")))
     errs = [e for e, _ in named]
-    _emit({"check": "parity", "model": key, "dtype": str(dtype), "cos_min": cos, "grad_rel_err_max": errs[-1],
+    enc = fastst_plugin.api.get_state(m).encoder
+    graphed = enc.graphed
+    _emit({"check": "parity", "variant": variant, "model": key, "dtype": str(dtype), "cos_min": cos, "grad_rel_err_max": errs[-1],
            "grad_rel_err_median": errs[len(errs) // 2], "n_grads": len(errs), "worst": named[-3:],
+           "graphs_captured": len(graphed.graphs) if graphed else 0,
+           "graphs_disabled": graphed.disabled_reason if graphed else None,
            "backend": fastst_plugin.api.get_state(m).backend})
-    del m, built
-    _empty()
-
-
-def speed(key, mode="lora", max_len=256, pairs=64, steps=10, reps=3):
-    import fastst_plugin
-    from fastst_plugin.bench.models import MODELS, apply_lora_stock, build_model, lora_config
-    from fastst_plugin.packed_loss import packed_columns
-    from sentence_transformers import losses
-
-    contenders = {}
-    for name in ("stock", "fastst"):
-        built = build_model(MODELS[key], max_seq_length=max_len, device=DEVICE, dtype=torch.bfloat16, seed=0)
-        m = built.model
-        cfg = lora_config(built.hf_model, 32)
-        if name == "stock":
-            if mode == "lora":
-                apply_lora_stock(built.hf_model, cfg)
-        else:
-            fastst_plugin.enable_fast(m, lora=cfg if mode == "lora" else None)
-        m.train()
-        loss = losses.MultipleNegativesRankingLoss(m)
-        params = [p for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        batches = []
-        for i in range(4):
-            qs, ds = _texts(pairs, offset=i * pairs)
-            fq, fd = m.preprocess(qs), m.preprocess(ds)
-            batches.append([{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in f.items()} for f in (fq, fd)])
-        real = [sum(int(f["attention_mask"].sum()) for f in b) for b in batches]
-        padded = [sum(f["attention_mask"].numel() for f in b) for b in batches]
-        contenders[name] = dict(model=m, loss=loss, opt=opt, batches=batches, real=real, padded=padded, times=[], peak=0, losses=[])
-
-    def step(c, i):
-        feats = c["batches"][i % len(c["batches"])]
-        if c is contenders["fastst"]:
-            with packed_columns(c["model"], feats, c["loss"]):
-                l = c["loss"](feats, None)
-        else:
-            l = c["loss"](feats, None)
-        l.backward()
-        c["opt"].step()
-        c["opt"].zero_grad(set_to_none=True)
-        return l
-
-    for c in contenders.values():
-        for i in range(3):
-            step(c, i)
-    _sync()
-    for r in range(reps):
-        for name, c in contenders.items():
-            _reset_peak()
-            _sync()
-            t0 = time.perf_counter()
-            for i in range(steps):
-                l = step(c, i)
-            _sync()
-            c["times"].append((time.perf_counter() - t0) / steps)
-            c["peak"] = max(c["peak"], _peak())
-            c["losses"].append(float(l))
-    base = None
-    for name, c in contenders.items():
-        ms = statistics.median(c["times"]) * 1e3
-        real_tok = statistics.mean(c["real"])
-        rec = {"check": "speed", "model": key, "mode": mode, "max_len": max_len, "pairs": pairs, "contender": name,
-               "step_ms": ms, "real_tok_per_s": real_tok / (ms / 1e3), "pad_frac": 1 - sum(c["real"]) / sum(c["padded"]),
-               "peak_gb": c["peak"] / 2**30, "last_loss": c["losses"][-1]}
-        if base is None:
-            base = rec["real_tok_per_s"]
-        rec["speedup"] = rec["real_tok_per_s"] / base
-        _emit(rec)
-    contenders.clear()
-    _empty()
 
 
 if __name__ == "__main__":
@@ -169,9 +112,6 @@ if __name__ == "__main__":
         try:
             if what == "parity":
                 parity(key)
-            elif what.startswith("speed"):
-                mode = "full" if what == "speed-full" else "lora"
-                speed(key, mode=mode)
         except Exception as e:  # keep going: one model's failure must not hide the others
             import traceback
 
