@@ -171,7 +171,11 @@ def write_chart(path: str, records: list[dict], env: dict | None = None) -> bool
         index[(g, r["contender"])] = r
 
     multi_batch = len({g[3] for g in groups}) > 1
-    labels = [f"{SHORT.get(g[1], g[1])}\nL={g[2]}" + (f" B={g[3]}" if multi_batch else "") for g in groups]
+    multi_mode = len({g[4] for g in groups}) > 1
+    labels = [
+        f"{SHORT.get(g[1], g[1])}\nL={g[2]}" + (f" B={g[3]}" if multi_batch else "") + (f"\n{g[4]}" if multi_mode else "")
+        for g in groups
+    ]
     width = 0.8 / max(1, len(contenders))
     fig_w = min(20.0, max(8.0, 0.3 * len(groups) * max(1, len(contenders)) + 3))
     fig, axes = plt.subplots(2, 1, figsize=(fig_w, 8.5), sharex=True)
@@ -200,8 +204,9 @@ def write_chart(path: str, records: list[dict], env: dict | None = None) -> bool
     axes[0].set_ylabel("real tokens/s vs stock (×)")
     axes[1].set_ylabel("peak GPU memory (GB)\nfilled: allocated, dashed: reserved")
     wl = rows[0]["workload"]
+    modes = sorted({str(r.get("mode")) for r in rows})
     desc = (
-        f"train: {rows[0].get('mode')} "
+        f"train: {'/'.join(modes)} "
         + (f"r={rows[0].get('lora_r')} " if rows[0].get("lora_r") else "")
         + f"{rows[0].get('loss')}, batch {rows[0].get('batch_size')} pairs"
         if wl == "train"
