@@ -22,7 +22,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import disable_fast, enable_fast, is_fast, patch, unpatch  # noqa: E402
-from .adapters import push_to_hub_merged, save_pretrained_merged  # noqa: E402
+
+
+def __getattr__(name: str):
+    # PEP 562: the adapter helpers pull in peft and huggingface_hub; load them on first use so that
+    # ``import fastst_plugin`` (done by the FASTST=1 startup hook) stays cheap.
+    if name in ("save_pretrained_merged", "push_to_hub_merged"):
+        from . import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "enable_fast",

@@ -106,6 +106,10 @@ def enable_fast(model, lora: Any = None, **options: Any):
         _check_dtype(model, spec)
 
     # LoRA / QLoRA first: the fast forward reads whatever linear modules are there (plain or peft).
+    if state.lora_config is None and adapters.has_adapters(model):
+        # Adapters loaded from a saved folder (or added by hand): adopt their config so that a later
+        # enable_fast(lora=same) is idempotent and the summary says "with LoRA".
+        state.lora_config = adapters.get_lora_config(model)
     if lora is not None:
         if state.lora_config is None and not adapters.has_adapters(model):
             state.lora_config = adapters.apply_lora(model, lora, spec=spec, quantization=opts.quantization)
