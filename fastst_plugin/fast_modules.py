@@ -57,12 +57,15 @@ def _safe_followers():
 def install_stock_extras(model, transformer, state) -> None:
     """kernels='off' or unsupported family: nothing to patch in the forward (LoRA / checkpointing only)."""
     mode = state.options.gradient_checkpointing
-    if mode != "off" and transformer is not None and hasattr(transformer.model, "gradient_checkpointing_enable"):
+    if mode != "off" and transformer is not None:
+        # training._hf_checkpointing speaks both transformers' gradient_checkpointing_* and the newer
+        # activation_checkpointing_* names.
+        from .training import _hf_checkpointing
+
         hf = transformer.model
-        was_on = getattr(hf, "is_gradient_checkpointing", False)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not was_on:
-            state.patches.on_revert(hf.gradient_checkpointing_disable)
+        was_on = bool(getattr(hf, "is_gradient_checkpointing", False) or getattr(hf, "is_activation_checkpointing", False))
+        if _hf_checkpointing(transformer, True) and not was_on:
+            state.patches.on_revert(lambda: _hf_checkpointing(transformer, False))
 
 
 def install(model, transformer, spec, state) -> None:
@@ -179,6 +182,23 @@ def install(model, transformer, spec, state) -> None:
 
     attn = state.options.attention
     state.backend = (
-        f"padding-free {spec.family} encoder, {'Triton kernels' if encoder.kernels else 'torch reference ops'}, "
+        f"padding-free {spec.family} encoder, {_ops_label(model, encoder)}, "
         f"attention {attn}{', packed pooling' if packed_pooling else ''}"
     )
+
+
+def _ops_label(model, encoder) -> str:
+    """What the norms/activations will run as: Triton needs a CUDA device (or the interpreter)."""
+    if not encoder.kernels:
+        return "torch reference ops"
+    from .kernels._backend import interpreter_on, kernels_forced_off, triton_available
+
+    device = getattr(model, "device", None)
+    on_cuda = device is not None and getattr(device, "type", "") == "cuda"
+    if kernels_forced_off() or not triton_available():
+        return "torch reference ops"
+    if on_cuda:
+        return "Triton kernels"
+    if interpreter_on():
+        return "Triton kernels (interpreter)"
+    return "torch reference ops on CPU (Triton kernels once on CUDA)"
