@@ -16,11 +16,19 @@ the eager path runs instead — while an earlier graphed forward still waits for
 saved activations live in the shared pool).
 
 Not graphed (eager fallback, same results): CPU, autocast with caching, gradient checkpointing,
-torch.distributed, cached (GradCache) losses, inputs without a host pack, texts longer than the
+cached (GradCache) losses, inputs without a host pack, texts longer than the
 capture's length cap, batches over ``GRAPH_MAX_TOKENS`` tokens (GPU-bound anyway; measured: 64 pairs
 of 1024-token documents captured a new bucket almost every step and held ~100 GB of graph pools),
 sizes beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one warning, then
 eager for this model).
+
+Under torch.distributed (DDP) the packed path runs eagerly. In principle replay is safe there (the
+graphs hold no collective; DDP's all-reduce hooks fire on AccumulateGrad after ``_GraphedStep``'s
+backward), and on the CPU/gloo stand-in it matched; but on 2 x H200 with NCCL (2026-11-28) capture
+failed with ``cudaErrorStreamCaptureInvalidated`` even in ``thread_local`` mode and left the CUDA RNG
+in capture state ("Offset increment outside graph capture"), killing the run at the next dropout.
+Until that is understood, graphs stay off under a process group (``_capture_mode`` is kept for the
+next attempt).
 """
 
 from __future__ import annotations
@@ -40,6 +48,38 @@ NO_GRAD_CAPTURE_AFTER = 3
 GRAPH_MAX_TOKENS = 32768
 # Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
 MAX_GRAPHS = 8
+
+
+# Every module or parameter registered anywhere (peft injecting adapters, a weight reassigned) bumps
+# this counter through torch's global registration hooks, so a graphed encoder re-reads its parameter
+# list only when something may have changed instead of walking every module on every step.
+_REGISTRATIONS = [0]
+_REGISTRATION_HOOKS: list = []
+
+
+def _count_registration(*_args):
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as _module
+
+        _REGISTRATION_HOOKS.append(_module.register_module_module_registration_hook(_count_registration))
+        _REGISTRATION_HOOKS.append(_module.register_module_parameter_registration_hook(_count_registration))
+
+
+def _capture_mode() -> str:
+    """``thread_local`` under torch.distributed, else torch's default ``global``.
+
+    With a process group, NCCL's watchdog thread queries the events of earlier collectives (e.g.
+    the last step's gradient all-reduce, DDP's buffer broadcast at this forward) at any moment; in
+    ``global`` mode that call, made from another thread while we capture, invalidates the capture.
+    ``thread_local`` still rejects every unsafe call made by the capturing thread itself.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "thread_local"
+    return "global"
 
 
 def bucket_tokens(t: int) -> int:
@@ -91,7 +131,13 @@ class _StaticBatch:
             k += 1
             cu[k] = offset
         cu[k + 1 :] = self.t_b
-        seq = torch.repeat_interleave(torch.arange(self.n_b), (cu[1:] - cu[:-1]).long(), output_size=self.t_b)
+        # Segment ids: the real tokens' come with the host pack; each dummy sequence is one block.
+        seq = torch.empty(self.t_b, dtype=torch.long)
+        seq[:t] = hp.seq_idx
+        offset = t
+        for j, length in enumerate(dummy_lengths):
+            seq[offset : offset + length] = n + j
+            offset += length
         self.input_ids.copy_(ids, non_blocking=True)
         self.position_ids.copy_(pos, non_blocking=True)
         self.cu_seqlens.copy_(cu, non_blocking=True)
@@ -126,6 +172,9 @@ class GraphedEncoder:
         self.disabled_reason: str | None = None
         self._pending = None  # weakref to the autograd node of a graphed forward awaiting its backward
         self._signature = None  # parameter storage addresses the graphs were captured with
+        self._param_list: list | None = None  # base.parameters(), re-read when registrations change
+        self._registrations_seen = -1
+        _watch_registrations()
         self._seen: dict[tuple, int] = {}
 
     def release(self) -> None:
@@ -145,10 +194,10 @@ class GraphedEncoder:
         if self.encoder.state.options.gradient_checkpointing != "off":
             return False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return False
+            return False  # capture under NCCL failed on the GPU: see the module docstring
         if self._pending is not None and self._pending() is not None:
             return False  # an earlier graphed forward still waits for its backward: its activations are in the pool
-        signature = tuple(p.data_ptr() for p in self.encoder.base.parameters())
+        signature = self._param_signature()
         if signature != self._signature:
             # Parameters were replaced (.to(), a new state dict assigned, adapters added): the graphs
             # read the old storage, so drop them and capture again.
@@ -156,8 +205,19 @@ class GraphedEncoder:
             self._signature = signature
         return True
 
+    def _all_params(self) -> list:
+        if self._param_list is None or self._registrations_seen != _REGISTRATIONS[0]:
+            self._param_list = list(self.encoder.base.parameters())
+            self._registrations_seen = _REGISTRATIONS[0]
+        return self._param_list
+
+    def _param_signature(self) -> tuple:
+        # Storage addresses catch .to()/load_state_dict(assign=True); requires_grad catches freezing
+        # and unfreezing (the captured backward computes gradients for a fixed parameter set).
+        return tuple((p.data_ptr(), p.requires_grad) for p in self._all_params())
+
     def _params(self):
-        return tuple(p for p in self.encoder.base.parameters() if p.requires_grad)
+        return tuple(p for p in self._all_params() if p.requires_grad)
 
     # -- capture ----------------------------------------------------------------------------------
     def _capture(self, key, hp: HostPack, device) -> _Captured:
@@ -180,15 +240,16 @@ class GraphedEncoder:
                 del out
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        mode = _capture_mode()
         fwd = torch.cuda.CUDAGraph()
         with torch.set_grad_enabled(grad):
-            with torch.cuda.graph(fwd, pool=self.pool):
+            with torch.cuda.graph(fwd, pool=self.pool, capture_error_mode=mode):
                 out = self.encoder.forward_eager(packed)
         bwd = grad_out = grad_params = None
         if grad and params and out.requires_grad:
             grad_out = torch.empty_like(out)
             bwd = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bwd, pool=self.pool):
+            with torch.cuda.graph(bwd, pool=self.pool, capture_error_mode=mode):
                 grad_params = torch.autograd.grad(out, params, grad_out, allow_unused=True)
         return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params)
 
@@ -197,7 +258,7 @@ class GraphedEncoder:
         if not self._eligible(hp, device):
             return None
         t = int(hp.cu_seqlens[-1])
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.base.parameters())
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._all_params())
         key = (bucket_tokens(t), bucket_seqs(hp.num_seqs + math.ceil((bucket_tokens(t) - t) / self.cap)),
                self.encoder.base.training, self.encoder.uses_token_types, grad)
         cap = self.graphs.get(key)
@@ -211,7 +272,11 @@ class GraphedEncoder:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             try:
-                cap = self._capture(key, hp, device)
+                # Captured outside inference mode even when called from encode (which runs under
+                # torch.inference_mode): static buffers made there would be inference tensors, and a
+                # later replay outside it (a no_grad eval step) could not refill them in place.
+                with torch.inference_mode(False):
+                    cap = self._capture(key, hp, device)
             except Exception as exc:  # capture is an optimisation: never let it break training
                 self.disabled_reason = f"{type(exc).__name__}: {exc}"
                 warn_once(f"CUDA graph capture failed ({self.disabled_reason}); this model runs eagerly")
@@ -249,5 +314,8 @@ class _GraphedStep(torch.autograd.Function):
         if grad.data_ptr() != cap.grad_out.data_ptr():
             cap.grad_out.copy_(grad)
         cap.bwd.replay()
-        # Copies: the static buffers are overwritten by the next replay.
-        return (None, *(g.clone() if g is not None else None for g in cap.grad_params))
+        # Copies: the static buffers are overwritten by the next replay. One multi-tensor kernel
+        # (x * 1.0 is exact) instead of a clone launch per parameter.
+        present = [g for g in cap.grad_params if g is not None]
+        copies = iter(torch._foreach_mul(present, 1.0)) if present else iter(())
+        return (None, *(next(copies) if g is not None else None for g in cap.grad_params))

@@ -1,0 +1,466 @@
+"""Varlen (packed, ``cu_seqlens``) attention tuned for many short sequences: Triton forward and
+backward, torch reference.
+
+Inputs ``q: [T, Hq, D]``, ``k, v: [T, Hkv, D]`` (``Hq`` a multiple of ``Hkv``: GQA), sequence
+boundaries ``cu_seqlens`` (int32 ``[N + 1]``, on the device), ``max_seqlen`` (host int, an upper
+bound on every length; as with the flash kernels, an understated one gives wrong results), and
+``cu_seqlens[-1] == T`` (rows past it are left unwritten). Output ``[T, Hq, D]`` in ``q.dtype``.
+Masks, as in ``fastst_plugin.attention``: bidirectional or causal, plus an optional window
+``(left, right)`` meaning the query at position i sees keys j with ``i - left <= j <= i + right``
+inside its own sequence (-1 = unbounded; stock's bidirectional ``|i - j| <= w`` is ``(w, w)``).
+No dropout.
+
+Math (per sequence and head, fp32 accumulation, base-2 softmax as in FlashAttention-2)::
+
+    s     = scale * q k^T            masked entries -inf
+    lse   = logsumexp(s, axis=keys)  (saved for the backward, stored as log2: m2 + log2(l))
+    p     = exp(s - lse),   o = p v
+    delta = rowsum(do * o)
+    dv    = p^T do,   dp = do v^T,   ds = p * (dp - delta)
+    dq    = scale * ds k,   dk = scale * ds^T q
+
+Why not the flash kernels: their grids are sized ``ceil(max_seqlen / block) * N * H``; with ~48-token
+texts and ``max_seqlen`` 256 most programs idle, and their backward accumulates dq with fp32 atomics
+plus a convert pass. Here:
+
+* The grid enumerates only real (sequence, block) pairs: ``cdiv(T, BLOCK) + N`` programs at most
+  (``N * cdiv(max_seqlen, BLOCK)`` if smaller). Each program finds its sequence and block from
+  ``cu_seqlens`` itself (a cumulative sum of per-sequence block counts over an ``N``-wide vector),
+  so there is no host sync and no extra launch, and it works inside CUDA-graph capture (zero-length
+  sequences are fine). Programs past the last block exit at once.
+* Backward kernel 1 (``_bwd_dkdv``): one program per (key block, kv head) loops over the q heads of
+  its GQA group and over the query blocks that can see its keys, accumulating dK and dV in registers
+  (no atomics). When the whole sequence fits one block (the common case for short texts), that same
+  program also sees every key of its queries, so it writes dQ too: the whole backward of such a
+  (sequence, head) is one program.
+* Backward kernel 2 (``_bwd_dq``), launched only when ``max_seqlen > BLOCK``: one program per
+  (query block, q head) of the sequences longer than one block loops over key blocks and writes dQ
+  (FA2's separate-dQ structure, recomputing p and dp; no atomics). Short sequences exit at once.
+* ``delta`` is recomputed from ``o`` and ``do`` where it is needed instead of by a separate pass.
+
+Everything is deterministic (no atomics). Runs under ``TRITON_INTERPRET=1`` with fp32/fp16 (no bf16
+there). Head dims up to 128 (any, padded to a power of two); longer sequences work but were not the
+design target, so ``attention='auto'`` only picks this kernel up to a ``max_seqlen`` threshold.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ._backend import interpreter_on, next_power_of_2, triton_available, use_triton
+
+MAX_HEAD_DIM = 128
+# Each program scans an N-wide vector of sequence boundaries; past this, use another backend.
+MAX_SEQS = 4096
+_BIG = 1 << 30  # "unbounded" window side (lengths stay far below it)
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _locate(CU, N, pid, BLOCK: tl.constexpr, BLOCK_SEQS: tl.constexpr):
+        """(sequence start, sequence length, block index within the sequence, valid) for program
+        ``pid`` of a grid enumerating the ``cdiv(len, BLOCK)`` blocks of every sequence in order."""
+        idx = tl.arange(0, BLOCK_SEQS)
+        nmask = idx < N
+        starts = tl.load(CU + idx, mask=nmask, other=0)
+        ends = tl.load(CU + idx + 1, mask=nmask, other=0)
+        lens = ends - starts
+        nb = (lens + BLOCK - 1) // BLOCK
+        cum = tl.cumsum(nb, 0)  # inclusive; entries past N repeat the total
+        seq = tl.sum((cum <= pid).to(tl.int32), 0)  # sequences wholly before this block
+        sel = idx == seq
+        start = tl.sum(tl.where(sel, starts, 0), 0)
+        length = tl.sum(tl.where(sel, lens, 0), 0)
+        blk = pid - tl.sum(tl.where(sel, cum - nb, 0), 0)
+        return start, length, blk, seq < N
+
+    @triton.jit
+    def _load_rows(P, base, head, stride_t, stride_h, offs, offs_d, mask):
+        """A [rows, BLOCK_D] tile of one head. ``base`` (int64) is the sequence's first token; the
+        per-element offsets inside a sequence stay int32."""
+        return tl.load(P + base * stride_t + head * stride_h + offs[:, None] * stride_t + offs_d[None, :],
+                       mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_rows(P, base, head, stride_t, stride_h, offs, offs_d, val, mask):
+        tl.store(P + base * stride_t + head * stride_h + offs[:, None] * stride_t + offs_d[None, :],
+                 val.to(P.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, LSE, CU,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_lh, N, scale_log2, win_left, win_right,
+        GROUP: tl.constexpr, MASKED: tl.constexpr, STORE_LSE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        start, length, blk, valid = _locate(CU, N, pid, BLOCK_M, BLOCK_SEQS)
+        if valid:
+            base = start.to(tl.int64)
+            hk = h // GROUP
+            q0 = blk * BLOCK_M
+            offs_m = q0 + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_m = offs_m < length
+            mask_d = offs_d < HEAD_DIM
+            q_mask = mask_m[:, None] & mask_d[None, :]
+            q = _load_rows(Q, base, h, stride_qt, stride_qh, offs_m, offs_d, q_mask)
+
+            # Keys any query of this block may see.
+            lo = tl.maximum(q0 - win_left, 0)
+            hi = tl.minimum(q0 + BLOCK_M + win_right, length)
+
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            for k0 in range(lo, hi, BLOCK_N):
+                offs_n = k0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < hi
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = _load_rows(K, base, hk, stride_kt, stride_kh, offs_n, offs_d, kv_mask)
+                v = _load_rows(V, base, hk, stride_vt, stride_vh, offs_n, offs_d, kv_mask)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                allowed = mask_n[None, :]
+                if MASKED:
+                    diff = offs_m[:, None] - offs_n[None, :]
+                    allowed = allowed & (diff <= win_left) & (-diff <= win_right)
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # Rows that have seen no key yet keep m = -inf: subtract 0 instead (no NaN).
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_sub[:, None])
+                alpha = tl.math.exp2(m_i - m_sub)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            _store_rows(O, base, h, stride_ot, stride_oh, offs_m, offs_d, out, q_mask)
+            if STORE_LSE:
+                lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
+                tl.store(LSE + h * stride_lh + base + offs_m, lse, mask=mask_m)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, O, DO, LSE, DQ, DK, DV, CU,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_lh, N, scale, scale_log2, win_left, win_right,
+        GROUP: tl.constexpr, MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        hk = tl.program_id(1)
+        start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
+        if valid:
+            base = start.to(tl.int64)
+            k0 = blk * BLOCK
+            offs_n = k0 + tl.arange(0, BLOCK)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_n = offs_n < length
+            mask_d = offs_d < HEAD_DIM
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = _load_rows(K, base, hk, stride_kt, stride_kh, offs_n, offs_d, kv_mask)
+            v = _load_rows(V, base, hk, stride_vt, stride_vh, offs_n, offs_d, kv_mask)
+            # The whole sequence is this one block: this program sees every key of its queries and
+            # can finish dQ too.
+            single = length <= BLOCK
+            # Queries that may see any key of this block.
+            lo = tl.maximum(k0 - win_right, 0)
+            hi = tl.minimum(k0 + BLOCK + win_left, length)
+
+            dk = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+            for g in range(GROUP):
+                h = hk * GROUP + g
+                for q0 in range(lo, hi, BLOCK):
+                    offs_m = q0 + tl.arange(0, BLOCK)
+                    mask_m = offs_m < hi
+                    q_mask = mask_m[:, None] & mask_d[None, :]
+                    q = _load_rows(Q, base, h, stride_qt, stride_qh, offs_m, offs_d, q_mask)
+                    do = _load_rows(DO, base, h, stride_dot, stride_doh, offs_m, offs_d, q_mask)
+                    o = _load_rows(O, base, h, stride_ot, stride_oh, offs_m, offs_d, q_mask)
+                    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                    lse = tl.load(LSE + h * stride_lh + base + offs_m, mask=mask_m, other=0.0)
+
+                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                    allowed = mask_m[:, None] & mask_n[None, :]
+                    if MASKED:
+                        diff = offs_m[:, None] - offs_n[None, :]
+                        allowed = allowed & (diff <= win_left) & (-diff <= win_right)
+                    p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    ds_lo = ds.to(q.dtype)
+                    dk += tl.dot(tl.trans(ds_lo), q, input_precision=PRECISION)
+                    if single:
+                        dq = tl.dot(ds_lo, k, input_precision=PRECISION) * scale
+                        _store_rows(DQ, base, h, stride_dqt, stride_dqh, offs_m, offs_d, dq, q_mask)
+            _store_rows(DK, base, hk, stride_dkt, stride_dkh, offs_n, offs_d, dk * scale, kv_mask)
+            _store_rows(DV, base, hk, stride_dvt, stride_dvh, offs_n, offs_d, dv, kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, O, DO, LSE, DQ, CU,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_dot, stride_doh, stride_dqt, stride_dqh,
+        stride_lh, N, scale, scale_log2, win_left, win_right,
+        GROUP: tl.constexpr, MASKED: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
+        # Sequences of one block got their dQ from _bwd_dkdv_kernel.
+        if valid and length > BLOCK:
+            base = start.to(tl.int64)
+            hk = h // GROUP
+            q0 = blk * BLOCK
+            offs_m = q0 + tl.arange(0, BLOCK)
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_m = offs_m < length
+            mask_d = offs_d < HEAD_DIM
+            q_mask = mask_m[:, None] & mask_d[None, :]
+            q = _load_rows(Q, base, h, stride_qt, stride_qh, offs_m, offs_d, q_mask)
+            do = _load_rows(DO, base, h, stride_dot, stride_doh, offs_m, offs_d, q_mask)
+            o = _load_rows(O, base, h, stride_ot, stride_oh, offs_m, offs_d, q_mask)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            lse = tl.load(LSE + h * stride_lh + base + offs_m, mask=mask_m, other=0.0)
+
+            lo = tl.maximum(q0 - win_left, 0)
+            hi = tl.minimum(q0 + BLOCK + win_right, length)
+            dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+            for k0 in range(lo, hi, BLOCK):
+                offs_n = k0 + tl.arange(0, BLOCK)
+                mask_n = offs_n < hi
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = _load_rows(K, base, hk, stride_kt, stride_kh, offs_n, offs_d, kv_mask)
+                v = _load_rows(V, base, hk, stride_vt, stride_vh, offs_n, offs_d, kv_mask)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                allowed = mask_m[:, None] & mask_n[None, :]
+                if MASKED:
+                    diff = offs_m[:, None] - offs_n[None, :]
+                    allowed = allowed & (diff <= win_left) & (-diff <= win_right)
+                p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            _store_rows(DQ, base, h, stride_dqt, stride_dqh, offs_m, offs_d, dq * scale, q_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and launch.
+
+_LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=None)
+def _config(head_dim: int, interpret: bool) -> Tuple[int, int, int, int, int, int, int]:
+    """(fwd BLOCK_M, fwd BLOCK_N, fwd warps, fwd stages, bwd BLOCK, bwd warps, bwd stages).
+
+    Blocks of 64 tokens: a ~48-token text is one block, so its whole backward is one program per
+    head. Warps chosen so that ptxas (sm_90, bf16, triton 3.9) reports no register spills, except
+    D 128's backward at 64 (a few hundred bytes; 32-token blocks with 8 warps do not spill). Not yet
+    timed on the GPU: ``tests/gpu/attention_bench.py --sweep`` compares alternatives.
+    ``FASTST_ATTN_CONFIG="bm,bn,fw,fs,b,bw,bs"`` overrides (blocks: powers of two >= 16).
+    The interpreter uses 16-token blocks: quick, and tiny test sequences still cross block boundaries.
+    """
+    env = os.environ.get("FASTST_ATTN_CONFIG")
+    if env:
+        cfg = tuple(int(x) for x in env.split(","))
+        if len(cfg) != 7:
+            raise ValueError("FASTST_ATTN_CONFIG needs 7 integers: bm,bn,fwd_warps,fwd_stages,block,bwd_warps,bwd_stages")
+        return cfg
+    if interpret:
+        return 16, 16, 1, 1, 16, 1, 1
+    if head_dim <= 32:
+        return 64, 64, 4, 2, 64, 4, 1
+    if head_dim <= 64:
+        return 64, 64, 4, 2, 64, 8, 1
+    return 64, 64, 8, 2, 64, 8, 1
+
+
+def _window_bounds(causal: bool, window) -> Tuple[int, int, bool]:
+    left, right = (window if window is not None else (-1, -1))
+    left = _BIG if left is None or left < 0 else int(left)
+    right = _BIG if right is None or right < 0 else int(right)
+    if causal:
+        right = 0
+    return left, right, (left < _BIG or right < _BIG)
+
+
+def _n_programs(t: int, n: int, max_seqlen: int, block: int) -> int:
+    """Upper bound on the number of (sequence, block) pairs: every sequence adds at most one
+    partial block beyond ``T / block``; none has more than ``cdiv(max_seqlen, block)``."""
+    return max(1, min(triton.cdiv(t, block) + n, n * triton.cdiv(max(max_seqlen, 1), block)))
+
+
+def _block_seqs(n: int) -> int:
+    # At least 128 wide: batches of up to 128 texts share one compiled kernel per shape.
+    return max(128, next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs (the interpreter, or a GPU caller outside autocast) get exact fp32 products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse, blocks=None):
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    n = cu.numel() - 1
+    o = torch.empty_like(q)
+    lse = torch.empty((hq, t), dtype=torch.float32, device=q.device) if store_lse else o
+    if t == 0 or n == 0:
+        return o, lse
+    bm, bn, warps, stages, *_ = blocks or _config(d, interpreter_on())
+    grid = (_n_programs(t, n, max_seqlen, bm), hq)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        lse.stride(0) if store_lse else 0, n, scale * _LOG2E, left, right,
+        GROUP=hq // hk, MASKED=masked, STORE_LSE=store_lse,
+        HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks=None):
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    n = cu.numel() - 1
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if t == 0 or n == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    *_, block, warps, stages = blocks or _config(d, interpreter_on())
+    common = dict(
+        GROUP=hq // hk, MASKED=masked, HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK=block,
+        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    n_prog = _n_programs(t, n, max_seqlen, block)
+    _bwd_dkdv_kernel[(n_prog, hk)](
+        q, k, v, o, do, lse, dq, dk, dv, cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        lse.stride(0), n, scale, scale * _LOG2E, left, right, **common,
+    )
+    if max_seqlen > block:
+        _bwd_dq_kernel[(n_prog, hq)](
+            q, k, v, o, do, lse, dq, cu,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
+            lse.stride(0), n, scale, scale * _LOG2E, left, right, **common,
+        )
+    return dq, dk, dv
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] with unit stride on D (the kernels take row and head strides)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class VarlenAttentionFn(torch.autograd.Function):
+    """Triton varlen attention; see the module docstring. Use :func:`varlen_attention`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, blocks):
+        q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+        cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+        left, right, masked = _window_bounds(causal, window)
+        need_grad = any(ctx.needs_input_grad[:3])
+        o, lse = _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse=need_grad, blocks=blocks)
+        if need_grad:
+            ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.args = (max_seqlen, scale, left, right, masked, blocks)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        max_seqlen, scale, left, right, masked, blocks = ctx.args
+        dq, dk, dv = _bwd(_rows_contiguous(do), q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether the Triton kernel can run this call (device/interpreter, dtype, head dim, GQA, no dropout)."""
+    if dropout_p or not use_triton(q):
+        return False
+    if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        return False
+    if q.shape[-1] > MAX_HEAD_DIM or cu_seqlens.numel() - 1 > MAX_SEQS:
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return q.dtype in (torch.float32, torch.float16)  # the interpreter has no bf16 arithmetic
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window=None,
+    blocks=None,
+) -> torch.Tensor:
+    """Attention within each packed sequence: the Triton kernel where :func:`supported`, else the
+    torch reference. ``blocks`` overrides the launch configuration (tests, sweeps; see ``_config``)."""
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if supported(q, k, cu_seqlens):
+        return VarlenAttentionFn.apply(q, k, v, cu_seqlens, int(max_seqlen), scale, bool(causal),
+                                       None if window is None else tuple(window), blocks)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale, causal=causal, window=window)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens, *, scale=None, causal=False, window=None) -> torch.Tensor:
+    """Plain torch, one sequence at a time, fp32 math: the CPU fallback and the test oracle.
+    (Host loop over sequences: for tests and small batches.)"""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    left, right, _ = _window_bounds(causal, window)
+    group = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b == a:
+            continue
+        qs = q[a:b].float().transpose(0, 1)  # [Hq, L, D]
+        ks = k[a:b].float().transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[a:b].float().transpose(0, 1).repeat_interleave(group, 0)
+        pos = torch.arange(b - a, device=q.device)
+        diff = pos[:, None] - pos[None, :]
+        allowed = (diff <= left) & (-diff <= right)
+        s = (qs @ ks.transpose(1, 2)) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        outs.append((s.softmax(-1) @ vs).transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape)
+    out = torch.cat(outs, 0)
+    if out.shape[0] != q.shape[0]:  # tokens past cu_seqlens[-1] belong to no sequence
+        out = torch.cat([out, out.new_zeros((q.shape[0] - out.shape[0],) + out.shape[1:])], 0)
+    return out.to(q.dtype)

@@ -1,0 +1,97 @@
+"""Where a training step's time goes, for one bench cell and one contender (run on the GPU machine).
+
+    python tests/gpu/profile_step.py MODEL [--mode lora|full] [--contender fastst] [--steps 20]
+
+Prints (and writes to $OUT/profile-MODEL-MODE-CONTENDER.txt): the median step time, the host-side
+cProfile of the steps (top functions by own time and cumulative time), and torch.profiler's CUDA
+kernel table (top kernels by GPU time) with the GPU-busy fraction. Same cell construction as
+``fastst bench train`` (64 Debian pairs, max_seq_length 256, bf16, no dropout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--mode", default="lora")
+    ap.add_argument("--contender", default="fastst")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-seq-length", default="256")
+    ap.add_argument("--batch-size", default="64")
+    args = ap.parse_args()
+
+    from fastst_plugin.bench import _finalize, _quiet_libraries, build_parser
+    from fastst_plugin.bench.contenders import build_contender, train_step
+    from fastst_plugin.bench.runner import load_data, make_cell
+
+    opts = build_parser().parse_args(
+        ["train", "--models", args.model, "--mode", args.mode, "--contenders", args.contender, "--no-dropout",
+         "--max-seq-length", args.max_seq_length, "--batch-size", args.batch_size, "--steps", "10"]
+    )
+    opts.argv = []
+    _finalize(opts)
+    _quiet_libraries()
+    cell = make_cell(opts, args.model, opts.max_seq_length[0], opts.batch_size[0], load_data(opts))
+    run = build_contender(args.contender, cell)
+    if run.error:
+        raise SystemExit(f"build failed: {run.error}")
+    for _ in range(5):
+        train_step(run)
+    _sync()
+
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        train_step(run)
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    # host side: what Python spends per step (no sync inside: the GPU runs behind)
+    prof = cProfile.Profile()
+    _sync()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(args.steps):
+        train_step(run)
+    prof.disable()
+    host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    _sync()
+
+    out = io.StringIO()
+    print(f"{args.model} {args.mode} {args.contender}: step median {statistics.median(times):.2f} ms "
+          f"(min {min(times):.2f}); host time per step under cProfile {host_ms:.2f} ms", file=out)
+    st = pstats.Stats(prof, stream=out)
+    st.sort_stats("tottime").print_stats(25)
+    st.sort_stats("cumulative").print_stats(35)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            train_step(run)
+        _sync()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=out)
+    text = out.getvalue()
+    print(text)
+    d = os.environ.get("OUT", ".")
+    with open(os.path.join(d, f"profile-{args.model}-{args.mode}-{args.contender}.txt"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    main()

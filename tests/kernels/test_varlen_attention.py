@@ -1,0 +1,196 @@
+"""Varlen attention: Triton kernel (interpreter on CPU) vs the torch reference, forward and gradients.
+
+The interpreter runs 16-token blocks (``_config``), so lengths 1..40 cover: one-block sequences (whole
+backward in one program), sequences crossing block boundaries (separate dQ kernel), a zero-length
+sequence, GQA, causal and sliding windows.
+"""
+
+import pytest
+import torch
+
+from fastst_plugin import attention as attn_mod
+from fastst_plugin.kernels._backend import use_triton
+from fastst_plugin.kernels.varlen_attention import (
+    VarlenAttentionFn,
+    supported,
+    varlen_attention,
+    varlen_attention_reference,
+)
+
+needs_triton = pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="Triton path needs CUDA or TRITON_INTERPRET=1"
+)
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _make(lengths, hq, hk, d, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    t = sum(lengths)
+    q = torch.randn(t, hq, d, dtype=dtype)
+    k = torch.randn(t, hk, d, dtype=dtype)
+    v = torch.randn(t, hk, d, dtype=dtype)
+    g = torch.randn(t, hq, d, dtype=dtype)
+    return q, k, v, g
+
+
+def _run(fn, q, k, v, g, **kw):
+    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(o, (q, k, v), g)
+    return o.detach(), grads
+
+
+def _check(lengths, hq, hk, d, dtype=torch.float32, causal=False, window=None, blocks=None, max_seqlen=None):
+    cu = _cu(lengths)
+    q, k, v, g = _make(lengths, hq, hk, d, dtype)
+    ms = max_seqlen if max_seqlen is not None else max(lengths)
+    o, grads = _run(varlen_attention, q, k, v, g, cu_seqlens=cu, max_seqlen=ms, causal=causal, window=window,
+                    blocks=blocks)
+    # The oracle in fp32 (fp16 inputs: compare against fp32 math on the same rounded values).
+    o_ref, grads_ref = _run(varlen_attention_reference, q.float(), k.float(), v.float(), g.float(), cu_seqlens=cu,
+                            causal=causal, window=window)
+    assert o.dtype == dtype and o.shape == q.shape
+    torch.testing.assert_close(o.float(), o_ref, **TOL[dtype], msg=lambda m: f"out: {m}")
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "lengths,hq,hk,d,causal,window",
+    [
+        ([1, 5, 16, 17, 40], 2, 2, 32, False, None),  # MHA, bidirectional (BERT/MiniLM)
+        ([3, 33, 1, 20], 4, 2, 32, True, None),  # GQA, causal (Qwen3)
+        ([40, 7, 2], 2, 2, 32, False, (4, 4)),  # ModernBERT-style local window, skipped key blocks
+        ([1, 18, 35], 2, 1, 32, True, (5, -1)),  # causal + left window, GQA 2:1
+        ([2, 19, 9], 2, 2, 64, False, (-1, 3)),  # one-sided window, D 64
+        ([17, 1], 1, 1, 64, True, None),
+    ],
+)
+def test_fp32_matches_reference(lengths, hq, hk, d, causal, window):
+    _check(lengths, hq, hk, d, causal=causal, window=window)
+
+
+@needs_triton
+def test_fp16_matches_reference():
+    _check([1, 6, 20], 2, 1, 32, dtype=torch.float16, causal=False, window=None)
+
+
+@needs_triton
+def test_other_block_sizes_and_loose_max_seqlen():
+    # 32-token blocks (fwd 32 x 16): one-block sequences up to 32, a 40-token one crosses; max_seqlen
+    # may overstate the longest sequence (graph buckets pass their cap).
+    _check([1, 32, 40, 12], 2, 2, 32, blocks=(32, 16, 1, 1, 32, 1, 1), max_seqlen=64)
+
+
+@needs_triton
+def test_head_dim_not_power_of_two():
+    _check([3, 20], 2, 2, 24)
+
+
+@needs_triton
+def test_zero_length_sequences_and_strided_inputs():
+    """Empty sequences (as CUDA-graph buckets pad with) and q/k/v as views of a fused projection."""
+    lengths = [0, 5, 0, 18, 0]
+    cu = _cu(lengths)
+    t, hq, hk, d = sum(lengths), 2, 1, 16
+    torch.manual_seed(3)
+    qkv = torch.randn(t, (hq + 2 * hk) * d)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+    assert not q.is_contiguous()
+    g = torch.randn(t, hq, d)
+    o, grads = _run(varlen_attention, q, k, v, g, cu_seqlens=cu, max_seqlen=18)
+    o_ref, grads_ref = _run(varlen_attention_reference, q, k, v, g, cu_seqlens=cu)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+@needs_triton
+def test_deterministic_and_inference_path():
+    lengths = [4, 21]
+    cu = _cu(lengths)
+    q, k, v, g = _make(lengths, 2, 2, 16)
+    o1, g1 = _run(varlen_attention, q, k, v, g, cu_seqlens=cu, max_seqlen=21)
+    o2, g2 = _run(varlen_attention, q, k, v, g, cu_seqlens=cu, max_seqlen=21)
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    qg = q.clone().requires_grad_()
+    out = varlen_attention(qg, k, v, cu, 21)
+    assert "VarlenAttentionFn" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        o3 = varlen_attention(q, k, v, cu, 21)
+    assert o3.grad_fn is None
+    torch.testing.assert_close(o3, o1, atol=0, rtol=0)
+
+
+@needs_triton
+def test_empty_batch():
+    q = torch.zeros(0, 2, 16, requires_grad=True)
+    k = torch.zeros(0, 1, 16, requires_grad=True)
+    v = torch.zeros(0, 1, 16, requires_grad=True)
+    cu = torch.zeros(1, dtype=torch.int32)
+    o = varlen_attention(q, k, v, cu, 0)
+    assert o.shape == (0, 2, 16)
+    o.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_supported():
+    q, k = torch.zeros(4, 4, 64), torch.zeros(4, 2, 64)
+    cu = _cu([4])
+    if use_triton(q):
+        assert supported(q, k, cu)
+    assert not supported(q, k, cu, dropout_p=0.1)
+    assert not supported(torch.zeros(4, 4, 256), torch.zeros(4, 2, 256), cu)  # Gemma3's 256 falls back
+    assert not supported(q, torch.zeros(4, 3, 64), cu)  # Hq not a multiple of Hkv
+    assert not supported(q.bfloat16(), k.bfloat16(), cu) or q.is_cuda  # no bf16 in the interpreter
+
+
+# -------------------------------------------------------------------------------------------
+# The reference itself, and the wiring into fastst_plugin.attention.
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, (3, 3)), (True, (2, -1))])
+def test_reference_matches_dense_reference(causal, window):
+    lengths = [1, 7, 0, 12]
+    cu = _cu(lengths)
+    q, k, v, _ = _make(lengths, 4, 2, 8)
+    a = varlen_attention_reference(q, k, v, cu, causal=causal, window=window, scale=0.3)
+    b = attn_mod.attention_reference(q, k, v, cu, causal=causal, window=window, scale=0.3)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_auto_picks_triton_only_when_enabled(monkeypatch):
+    q, k = torch.zeros(4, 2, 32), torch.zeros(4, 2, 32)
+    cu = _cu([4])
+    monkeypatch.setenv("FASTST_TRITON_ATTENTION", "0")  # the opt-out
+    assert attn_mod.choose_backend("auto", q, None, 0.0, k, cu, 4) != "triton"
+    monkeypatch.delenv("FASTST_TRITON_ATTENTION", raising=False)  # default: on where it applies
+    # 'auto' only considers it on CUDA with fp16/bf16 (CPU keeps sdpa even in the interpreter).
+    assert attn_mod.choose_backend("auto", q, None, 0.0, k, cu, 4) == "sdpa"
+    if use_triton(q):
+        assert attn_mod.choose_backend("triton", q, None, 0.0, k, cu, 4) == "triton"
+    # Dropout is not supported: a forced 'triton' falls back.
+    assert attn_mod.choose_backend("triton", q, None, 0.1, k, cu, 4) != "triton"
+    assert "triton" in attn_mod.available_backends()
+
+
+@needs_triton
+def test_backend_through_attention_module():
+    lengths = [3, 17]
+    cu = _cu(lengths)
+    q, k, v, g = _make(lengths, 2, 1, 16)
+    kw = dict(cu_seqlens=cu, max_seqlen=17, causal=True, window=(4, 4), scale=0.2)
+    o, grads = _run(attn_mod.varlen_attention, q, k, v, g, backend="triton", **kw)
+    o_ref, grads_ref = _run(attn_mod.varlen_attention, q, k, v, g, backend="reference", **kw)
+    torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
