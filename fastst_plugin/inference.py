@@ -1,0 +1,602 @@
+"""Fast inference behind the stock signatures: ``encode`` (so ``encode_query`` / ``encode_document``),
+``CrossEncoder.predict`` (so ``rank``).
+
+Why stock is slow here: per batch of ``batch_size`` texts it tokenizes (host), pads, launches a padded
+forward and, for numpy output, copies the batch back (a host<->device sync), so the GPU idles while
+the host tokenizes and the host idles while the GPU runs.
+
+What runs instead (:func:`fast_call`):
+
+1. the distinct inputs are sorted by length (as stock does) and tokenized in chunks on a worker
+   thread, one chunk ahead of the GPU: for plain text and text pairs straight through the fast
+   tokenizer's Rust backend (parallel, releases the GIL, no padding), checked on every call against
+   the model's own ``preprocess`` on a sample; otherwise by that ``preprocess`` itself (so prompts,
+   truncation, ``processing_kwargs``, ``task`` lengths are always stock's);
+2. each chunk is cut into packed batches by a token budget (``batch_size * max_seq_length`` tokens,
+   at most :data:`MAX_BATCH_TOKENS`: never more tokens than a stock batch can hold, so memory stays
+   within stock's; short texts simply share a batch) and host-packed on the worker too;
+3. the main thread runs the packed encoder (eagerly for big batches, which are GPU-bound; small ones,
+   e.g. one query per call, replay CUDA graphs once their size recurs), pooling and the modules after
+   it (or the CrossEncoder head, :mod:`fastst_plugin.heads`) and gathers the rows: on the device, or
+   for CPU results copied back per chunk without blocking (the host waits for a chunk's copy only
+   once the next chunk is queued): no host synchronisation per batch;
+4. the stock method then runs with the results *replayed*: its ``preprocess`` returns row indices and
+   its forward returns those rows of the table, so every argument (``normalize_embeddings``,
+   ``truncate_dim``, ``precision``, ``convert_to_*``, ``activation_fn``, ``apply_softmax``, singular
+   inputs, output order) is handled by stock's own code, whatever the sentence-transformers version.
+
+Anything outside the fast path's cover (non-text inputs, ``output_value`` other than
+``"sentence_embedding"``, multi-process pools, distributed inference, another device, model kwargs,
+ColBERT-style query expansion, a left-padded CrossEncoder batch for a first-token head) runs the
+stock method unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack
+
+# A packed inference batch holds at most this many tokens: enough to keep an H100/H200 busy (larger
+# batches gain little) while the activations of one batch stay small.
+MAX_BATCH_TOKENS = 16384
+# Texts per tokenization chunk: the first is small so the GPU starts early, the rest large so the
+# tokenizer's thread pool has work to spread.
+FIRST_CHUNK = 256
+CHUNK = 2048
+# Calls with at most this many distinct inputs are tokenized by stock preprocess in one piece (the
+# sample checked below would be most of them anyway): no worker thread for a handful of queries.
+SMALL_CALL = 64
+# Direct tokenization of a chunk is split over up to this many threads, in pieces of at least
+# MIN_PIECE texts (the Rust tokenizer runs them concurrently: it releases the GIL).
+FANOUT_THREADS = 8
+MIN_PIECE = 64
+# Packed batches up to this many tokens go through the CUDA-graph path (see ``_encode_packed``).
+GRAPH_MAX_TOKENS = 4096
+
+REPLAY_KEY = "fastst_replay_rows"
+_REPLAY: contextvars.ContextVar["_Replay | None"] = contextvars.ContextVar("fastst_replay", default=None)
+_FEATURE_KEYS = {"input_ids", "attention_mask", "token_type_ids", HOST_PACK_KEY, "modality", "prompt_length"}
+
+
+class _NotCovered(Exception):
+    """Raised inside the fast path when the features are not ones it covers: stock runs instead."""
+
+
+class _Replay:
+    def __init__(self, index: dict, table: torch.Tensor, output_name: str):
+        self.index = index
+        self.table = table
+        self.output_name = output_name
+
+
+def input_key(x):
+    """A hashable key for an input the fast path covers (a text, or a pair of texts), else None."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(t, str) for t in x):
+        return tuple(x)
+    return None
+
+
+# ------------------------------------------------------------------------------ replay hooks
+
+
+def replay_preprocess(inputs) -> dict | None:
+    """Inside a replayed stock call: the rows of ``inputs`` in the precomputed table (else None)."""
+    rep = _REPLAY.get()
+    if rep is None:
+        return None
+    try:
+        rows = [rep.index[input_key(x)] for x in inputs]
+    except (KeyError, TypeError):
+        return None
+    return {REPLAY_KEY: rows, "modality": "text"}
+
+
+def replay_forward(features) -> dict | None:
+    rep = _REPLAY.get()
+    rows = features.get(REPLAY_KEY) if isinstance(features, dict) else None
+    if rep is None or rows is None:
+        return None
+    idx = torch.tensor(rows, dtype=torch.long)
+    if rep.table.device.type != "cpu":
+        idx = idx.to(rep.table.device, non_blocking=True)
+    features[rep.output_name] = rep.table.index_select(0, idx)
+    return features
+
+
+@contextlib.contextmanager
+def _replaying(rep: _Replay):
+    token = _REPLAY.set(rep)
+    try:
+        yield
+    finally:
+        _REPLAY.reset(token)
+
+
+def replay_active() -> bool:
+    return _REPLAY.get() is not None
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def budget_batches(lengths: torch.Tensor, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ``[a, b)`` row ranges whose token counts sum to at most ``budget`` (a longer single
+    row gets a batch of its own)."""
+    out = []
+    a, acc = 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > a and acc + n > budget:
+            out.append((a, i))
+            a, acc = i, 0
+        acc += n
+    if a < len(lengths):
+        out.append((a, len(lengths)))
+    return out
+
+
+def token_budget(batch_size: int, max_len: int) -> int:
+    return max(max_len, min(batch_size * max_len, MAX_BATCH_TOKENS))
+
+
+def _check_features(features) -> HostPack:
+    """The host pack of stock-preprocessed features the fast path covers (else ``_NotCovered``)."""
+    ids, mask = features.get("input_ids"), features.get("attention_mask")
+    if (
+        set(features) - _FEATURE_KEYS
+        or features.get("modality", "text") != "text"
+        or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.device.type != "cpu"
+        or not isinstance(mask, torch.Tensor)
+    ):
+        raise _NotCovered("features")
+    hp = features.get(HOST_PACK_KEY)
+    if not (isinstance(hp, HostPack) and hp.matches(ids)):
+        hp = host_pack(ids, mask, features.get("token_type_ids"))
+    if hp.num_seqs and int(hp.lengths.min()) == 0:
+        raise _NotCovered("a text without tokens")  # stock pools an all-padding row: leave it to stock
+    return hp
+
+
+def _pack_chunk(preprocess: Callable, items: list, rows: np.ndarray, prompt, kwargs: dict, budget: int, check_hp):
+    """Worker thread, stock tokenization: the model's own preprocess, then cut into packed batches."""
+    return _feature_batches(preprocess(items, prompt=prompt, **kwargs), rows, budget, check_hp)
+
+
+def _feature_batches(features, rows: np.ndarray, budget: int, check_hp):
+    """Stock-preprocessed features (rows sorted by length) cut into packed batches by the token budget."""
+    _check_features(features)
+    ids, mask, tt = features["input_ids"], features["attention_mask"], features.get("token_type_ids")
+    lengths = mask.sum(1)
+    batches = []
+    for a, b in budget_batches(lengths, budget):
+        width = int(lengths[a:b].max()) if b > a else 0
+        # rows of a length-sorted chunk: trim the chunk's padding columns that this batch does not use
+        cols = slice(None) if mask[a:b, width:].any() else slice(0, max(width, 1))
+        hp = host_pack(ids[a:b, cols], mask[a:b, cols], tt[a:b, cols] if tt is not None else None)
+        if check_hp is not None and not check_hp(hp):
+            raise _NotCovered("batch layout")
+        batches.append((torch.from_numpy(np.asarray(rows[a:b], dtype=np.int64)), hp))
+    return batches
+
+
+# ------------------------------------------------------------------------------ direct tokenization
+#
+# Stock ``preprocess`` spends most of its time in Python: input parsing, padding every batch and
+# converting lists of lists to tensors (measured on 2,048 Debian documents, one core: 1.05 s, of which
+# the Rust tokenizer itself is 0.43 s, which parallelizes; the direct path below costs 0.46 s in all). For plain text and text pairs we
+# call the fast tokenizer's Rust backend the way ``PreTrainedTokenizerFast`` does (same truncation,
+# special tokens, no padding) and pack its ids directly. Every call checks this against stock
+# ``preprocess`` on a sample (the longest inputs, which truncate, and the shortest) and uses stock's
+# tokenization when anything differs.
+
+
+class _DirectTokenizer:
+    def __init__(self, tokenizer, max_length: int | None):
+        self.tok = tokenizer
+        self.backend = tokenizer._tokenizer
+        self.max_length = max_length
+        self.encode = getattr(self.backend, "encode_batch_fast", None) or self.backend.encode_batch
+
+    @classmethod
+    def for_call(cls, transformer, kwargs: dict):
+        """None when this call's tokenization is not plain (chat templates, processor overrides, ...)."""
+        tok = getattr(transformer, "tokenizer", None)
+        backend = getattr(tok, "_tokenizer", None)
+        if tok is None or backend is None or type(backend).__name__ != "Tokenizer" or tok is not getattr(transformer, "processor", tok):
+            return None
+        if "message" in (getattr(transformer, "modality_config", None) or {}) or kwargs.get("processing_kwargs"):
+            return None
+        if getattr(transformer, "do_lower_case", False):
+            return None  # stock lowercases through the tokenizer wrapper's settings
+        module_kwargs = getattr(transformer, "processing_kwargs", None) or {}
+        if any(module_kwargs.get(k) for k in ("text", "common", "chat_template")):
+            return None
+        if kwargs.get("max_length") is not None:
+            max_length = kwargs["max_length"]
+        elif kwargs.get("task") == "query" and getattr(transformer, "query_length", None):
+            max_length = transformer.query_length
+        elif kwargs.get("task") == "document" and getattr(transformer, "document_length", None):
+            max_length = transformer.document_length
+        else:
+            max_length = tok.model_max_length
+        if max_length is not None and max_length > 10**8:  # "no limit" sentinel: stock does not truncate
+            max_length = None
+        return cls(tok, max_length)
+
+    def __call__(self, items: list, prompt, pool: ThreadPoolExecutor | None = None) -> list:
+        if prompt:  # as stock's prepend_prompt_to_texts: before the text, or the first text of a pair
+            items = [prompt + x if isinstance(x, str) else (prompt + x[0], x[1]) for x in items]
+        else:
+            items = [x if isinstance(x, str) else tuple(x) for x in items]
+        backend = self.backend
+        old_trunc, old_pad, old_special = backend.truncation, backend.padding, backend.encode_special_tokens
+        try:
+            if self.max_length is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(self.max_length, stride=0, strategy="longest_first", direction=self.tok.truncation_side)
+            backend.no_padding()
+            backend.encode_special_tokens = bool(getattr(self.tok, "split_special_tokens", False))
+            pieces = _pieces(len(items), pool)
+            if len(pieces) == 1:
+                return self.encode(items, add_special_tokens=True)
+            # The Rust call releases the GIL: pieces encode concurrently even where the tokenizer's own
+            # thread pool is off (TOKENIZERS_PARALLELISM=false, or after a fork); with it on they share it.
+            parts = pool.map(lambda ab: self.encode(items[ab[0] : ab[1]], add_special_tokens=True), pieces)
+            return [e for part in parts for e in part]
+        finally:  # leave the backend as the HF wrapper left it (it re-applies its settings per call anyway)
+            if old_trunc is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**{k: old_trunc[k] for k in ("max_length", "stride", "strategy", "direction") if k in old_trunc})
+            if old_pad is not None:
+                backend.enable_padding(**old_pad)
+            backend.encode_special_tokens = old_special
+
+
+def _pieces(n: int, pool) -> list[tuple[int, int]]:
+    """Contiguous ranges of at least ``MIN_PIECE`` items, one per fan-out thread."""
+    k = 1 if pool is None else max(1, min(getattr(pool, "_max_workers", 1), n // MIN_PIECE))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _fanout_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(FANOUT_THREADS, cpus))
+
+
+class _Flat:
+    """Token ids of many texts, concatenated (numpy), with the per-text lengths and offsets."""
+
+    def __init__(self, encodings, with_token_types: bool):
+        ids = [e.ids for e in encodings]
+        self.lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        self.cu = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=self.cu[1:])
+        total = int(self.cu[-1])
+        self.ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
+        self.tt = None
+        if with_token_types:
+            self.tt = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total)
+
+    def pack(self, a: int, b: int) -> HostPack:
+        """The texts ``[a, b)`` as a HostPack (a right-padded ``[n, max_len]`` virtual layout)."""
+        lengths = self.lengths[a:b]
+        s, e = int(self.cu[a]), int(self.cu[b])
+        cu = self.cu[a : b + 1] - s
+        n = b - a
+        seq = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        pos = np.arange(e - s, dtype=np.int64) - cu[:-1][seq]
+        max_len = int(lengths.max()) if n else 0
+        index = torch.from_numpy(seq * max_len + pos)
+        return HostPack(
+            input_ids=torch.from_numpy(self.ids[s:e].copy()),
+            position_ids=torch.from_numpy(pos),
+            token_type_ids=torch.from_numpy(self.tt[s:e].copy()) if self.tt is not None else None,
+            cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+            seq_idx=torch.from_numpy(seq),
+            orig_index=index,
+            pad_index=index,
+            lengths=torch.from_numpy(lengths.copy()),
+            max_seqlen=max_len,
+            orig_shape=(n, max_len),
+        )
+
+
+def _direct_chunk(tokenize: _DirectTokenizer, items: list, rows: np.ndarray, prompt, with_tt: bool, budget: int, pool=None):
+    """Worker thread, direct tokenization: Rust backend -> flat ids -> packed batches."""
+    flat = _Flat(tokenize(items, prompt, pool), with_tt)
+    if len(items) and int(flat.lengths.min()) == 0:
+        raise _NotCovered("a text without tokens")
+    lengths = torch.from_numpy(flat.lengths)
+    return [(torch.from_numpy(rows[a:b].astype(np.int64)), flat.pack(a, b)) for a, b in budget_batches(lengths, budget)]
+
+
+def _same_tokens(a: HostPack, b: HostPack, with_tt: bool) -> bool:
+    if not (torch.equal(a.lengths, b.lengths) and torch.equal(a.input_ids, b.input_ids)):
+        return False
+    if with_tt:
+        return a.token_type_ids is not None and b.token_type_ids is not None and torch.equal(a.token_type_ids, b.token_type_ids)
+    return True
+
+
+def fast_call(
+    model,
+    stock: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    state,
+    transformer,
+    run_batch: Callable,
+    output_name: str,
+    to_cpu: Callable[[inspect.BoundArguments], bool],
+    covered: Callable[[inspect.BoundArguments], bool],
+    check_hp=None,
+):
+    """Run ``stock(*args, **kwargs)`` with its model outputs computed by the packed pipeline.
+
+    ``run_batch(hp, prompt_length) -> [n, ...]`` computes one packed batch's rows; ``covered(bound)``
+    says whether these arguments are within the fast path; ``to_cpu(bound)`` whether stock copies
+    the results to the CPU anyway (then they come back chunk by chunk, see ``_run_batches``).
+    """
+    if _REPLAY.get() is not None:
+        return stock(*args, **kwargs)
+    try:
+        bound = inspect.signature(stock).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return stock(*args, **kwargs)  # stock raises its own error (or maps a deprecated name)
+    bound.apply_defaults()
+    params = bound.arguments
+    inputs = params.get("inputs", params.get("sentences"))
+    if inputs is None:
+        return stock(*args, **kwargs)
+    if isinstance(inputs, np.ndarray):
+        inputs = inputs.tolist()
+    if not isinstance(inputs, (list, str, tuple)) and not hasattr(inputs, "__len__"):
+        return stock(*args, **kwargs)  # an iterator: stock materializes it; we would consume it
+    if getattr(model, "is_singular_input", None) is not None and model.is_singular_input(inputs):
+        items = [inputs]
+    else:
+        items = list(inputs)
+        # stock gets the materialized list (e.g. a datasets Column would otherwise be re-read)
+        name = "inputs" if "inputs" in params else "sentences"
+        bound.arguments[name] = items
+    if not items or not covered(bound):
+        return stock(*bound.args, **bound.kwargs)
+    index: dict = {}
+    unique: list = []
+    for x in items:
+        key = input_key(x)
+        if key is None:
+            return stock(*bound.args, **bound.kwargs)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(x)
+    extra = dict(params.get("kwargs", {}))
+    prompt = params.get("prompt")
+    if prompt is None:  # (stock warns when both are given; resolving only the name keeps that single)
+        prompt = model._resolve_prompt(None, params.get("prompt_name"))
+    batch_size = int(params.get("batch_size", 32) or 32)
+    budget = token_budget(max(batch_size, 1), _max_len(transformer, state))
+    try:
+        table = _compute(model, transformer, unique, prompt, extra, budget, run_batch, check_hp, to_cpu(bound))
+    except _NotCovered:
+        return stock(*bound.args, **bound.kwargs)
+    with _replaying(_Replay(index, table, output_name)):
+        return stock(*bound.args, **bound.kwargs)
+
+
+def _max_len(transformer, state) -> int:
+    """The longest tokenized text: ``max_seq_length``, or the model's positions when that is unset or
+    the tokenizer's "no limit" sentinel."""
+    limit = getattr(transformer, "max_seq_length", None)
+    if not limit or limit > 10**6:
+        limit = getattr(state.encoder.config, "max_position_embeddings", None) or 512
+    return int(limit)
+
+
+def _length_order(model, unique: list) -> np.ndarray:
+    """Longest first, by stock's own length estimate (characters) where it has one."""
+    length = getattr(model, "_input_length", None)
+    if length is None:  # pragma: no cover - an ST without it
+        length = lambda x: len(x) if isinstance(x, str) else sum(map(len, x))  # noqa: E731
+    return np.argsort(np.array([-length(x) for x in unique], dtype=np.int64), kind="stable")
+
+
+def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int, run_batch, check_hp, to_cpu: bool) -> torch.Tensor:
+    stock_preprocess = type(model).preprocess.__get__(model)
+    order = _length_order(model, unique)
+
+    # Stock preprocess on a sample: the feature layout this call produces (token types, prompt length,
+    # padding side), and the reference the direct tokenization must reproduce. A small call is all
+    # sample: its stock features are the whole tokenization (no thread, no second pass).
+    small = len(order) <= SMALL_CALL
+    sample_rows = order.tolist() if small else list(dict.fromkeys([*order[:4].tolist(), *order[-4:].tolist()]))
+    sample = [unique[i] for i in sample_rows]
+    features = stock_preprocess(sample, prompt=prompt, **kwargs)
+    sample_hp = _check_features(features)
+    if check_hp is not None and not check_hp(sample_hp):
+        raise _NotCovered("batch layout")
+    prompt_length = features.get("prompt_length")
+    if small:
+        return _run_batches(model, len(unique), [_feature_batches(features, order, budget, check_hp)], run_batch, prompt_length, to_cpu)
+    with_tt = "token_type_ids" in features
+    tokenize = _DirectTokenizer.for_call(transformer, kwargs)
+    if tokenize is not None:
+        try:
+            direct = _Flat(tokenize(sample, prompt), with_tt).pack(0, len(sample))
+            if not _same_tokens(direct, sample_hp, with_tt):
+                tokenize = None
+        except Exception:  # any surprise in the backend call: stock tokenization
+            tokenize = None
+        if tokenize is None:
+            from .log import logger
+
+            logger.debug("fast inference: direct tokenization differs from stock preprocess here; using stock's")
+
+    bounds = [0, min(FIRST_CHUNK, len(order))]
+    while bounds[-1] < len(order):
+        bounds.append(min(bounds[-1] + CHUNK, len(order)))
+    chunks = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    threads = _fanout_threads() if tokenize is not None and len(order) >= 2 * MIN_PIECE else 1
+    fanout = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastst-tokenize-piece") if threads > 1 else None
+
+    def work(chunk):
+        items = [unique[i] for i in chunk]
+        if tokenize is not None:
+            return _direct_chunk(tokenize, items, chunk, prompt, with_tt, budget, fanout)
+        return _pack_chunk(stock_preprocess, items, chunk, prompt, kwargs, budget, check_hp)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastst-tokenize") as pool:
+            return _run_batches(model, len(unique), _prefetched(pool, work, chunks), run_batch, prompt_length, to_cpu)
+    finally:
+        if fanout is not None:
+            fanout.shutdown(wait=True)
+
+
+def _prefetched(pool, work, chunks):
+    """``work(chunk)`` for each chunk, computed on ``pool`` one chunk ahead of the consumer."""
+    pending = pool.submit(work, chunks[0])
+    for k in range(len(chunks)):
+        batches = pending.result()
+        if k + 1 < len(chunks):
+            pending = pool.submit(work, chunks[k + 1])
+        yield batches
+
+
+def _run_batches(model, n_rows: int, batch_lists, run_batch, prompt_length, to_cpu: bool) -> torch.Tensor:
+    """Runs every packed batch and gathers the rows into one ``[n_rows, ...]`` table, asynchronously.
+
+    On the device's side nothing waits for the GPU. Results wanted on the CPU travel back one chunk
+    at a time (non-blocking copies into pinned buffers, checked one chunk later, when the GPU is
+    busy with the next chunk), so device memory holds one chunk's rows, not the whole corpus'.
+    """
+    device = model.device
+    model.eval()
+    # (other accelerators: the table stays on the device and stock copies each batch back)
+    on_device = not (to_cpu and _copies_back_async(device))
+    table = None
+    in_flight = None  # (rows, pinned buffer, event) of the previous chunk's copy back
+
+    def land(item):
+        nonlocal table
+        rows, buf, event = item
+        event.synchronize()
+        if table is None:
+            table = torch.empty((n_rows,) + tuple(buf.shape[1:]), dtype=buf.dtype)
+        table.index_copy_(0, rows, buf)
+
+    with torch.inference_mode():
+        for batches in batch_lists:
+            outs, row_parts = [], []
+            for rows, hp in batches:
+                out = run_batch(hp, prompt_length)
+                if on_device:
+                    if table is None:
+                        table = out.new_empty((n_rows,) + tuple(out.shape[1:]))
+                    table.index_copy_(0, rows.to(device, non_blocking=True) if device.type != "cpu" else rows, out)
+                else:
+                    outs.append(out)
+                    row_parts.append(rows)
+            if on_device or not outs:
+                continue
+            chunk = torch.cat(outs) if len(outs) > 1 else outs[0]
+            buf = _pinned_empty(chunk.shape, chunk.dtype)
+            buf.copy_(chunk, non_blocking=True)
+            event = _record_event()
+            if in_flight is not None:
+                land(in_flight)
+            in_flight = (torch.cat(row_parts), buf, event)
+        if in_flight is not None:
+            land(in_flight)
+    return table
+
+
+def _copies_back_async(device) -> bool:
+    return device.type == "cuda"
+
+
+def _pinned_empty(shape, dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _record_event():
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+# ------------------------------------------------------------------------------ per-model runners
+
+
+def _encode_packed(encoder, hp: HostPack):
+    """Hidden states of one packed batch. Small batches (a few queries per call, as when serving
+    search requests) are launch-bound: CUDA graphs replay them once a size keeps coming back. Big
+    token-budget batches are GPU-bound, so they run eagerly: no capture cost inside a call, and no
+    graph pool holding their activations."""
+    device = next(iter(encoder.base.parameters())).device
+    if int(hp.cu_seqlens[-1]) <= GRAPH_MAX_TOKENS:
+        return encoder.run_host(hp, device)
+    p = hp.to(device)
+    return encoder.forward_eager(p), p
+
+
+def embedding_runner(encoder, followers: list) -> Callable:
+    """``run_batch`` for a SentenceTransformer: packed encoder -> Pooling (packed) -> Dense/Normalize..."""
+
+    def run(hp: HostPack, prompt_length):
+        hidden, packed = _encode_packed(encoder, hp)
+        feats: dict[str, Any] = {"token_embeddings": hidden, PACKED_KEY: packed}
+        if prompt_length is not None:
+            feats["prompt_length"] = prompt_length
+        for module in followers:
+            feats = module(feats)
+        return feats["sentence_embedding"]
+
+    return run
+
+
+def head_runner(encoder, head) -> Callable:
+    """``run_batch`` for a CrossEncoder: packed encoder -> sequence-classification head -> logits."""
+
+    def run(hp: HostPack, prompt_length):
+        hidden, packed = _encode_packed(encoder, hp)
+        return head(hidden, packed)
+
+    return run
+
+
+def same_device(model, device) -> bool:
+    if device is None:
+        return True
+    if isinstance(device, (list, tuple)):
+        return False
+    try:
+        want = torch.device(device)
+    except (TypeError, RuntimeError):
+        return False
+    have = model.device
+    if want.type != have.type:
+        return False
+    if want.type == "cuda":
+        want_index = want.index if want.index is not None else torch.cuda.current_device()
+        return want_index == (have.index if have.index is not None else torch.cuda.current_device())
+    return True
