@@ -548,9 +548,12 @@ def _quantize_base(model, hf: nn.Module, mode: str, skip: list[str]) -> int:
     except Exception:
         out_emb = None
     count = 0
-    for name, module in list(hf.named_modules()):
-        if type(module) is not nn.Linear or module is out_emb or _matches(name, skip):
-            continue
+    # Names, not modules: a list of the modules would keep every replaced layer's full-precision
+    # weight alive until the loop ends (peak = whole model + its quantized copy: 8 + 2 GB for
+    # Qwen3-4B); looked up one at a time, each weight is freed as soon as its layer is replaced.
+    names = [n for n, m in hf.named_modules() if type(m) is nn.Linear and m is not out_emb and not _matches(n, skip)]
+    for name in names:
+        module = hf.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = hf.get_submodule(parent_name) if parent_name else hf
         try:
@@ -561,6 +564,7 @@ def _quantize_base(model, hf: nn.Module, mode: str, skip: list[str]) -> int:
                 "bitsandbytes 0.45+ runs nf4 on the CPU and both modes on CUDA."
             ) from exc
         setattr(parent, child, new)
+        del module
         count += 1
     if count == 0:
         raise RuntimeError(f"quantization={mode!r}: the backbone has no nn.Linear layer to quantize")

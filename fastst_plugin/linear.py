@@ -8,6 +8,8 @@ which is correct on packed ``[T, in]`` inputs too.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,16 +40,46 @@ def _plain_lora(mod):
 
 
 def _base_weight(base):
-    """(weight, weight_fn): plain weights directly; bitsandbytes weights de-quantized on demand."""
+    """``(weight, weight_fn)`` of a LoRA layer's base: a plain weight directly, a bitsandbytes one as
+    a function that de-quantizes it on demand; ``(None, None)`` for anything else.
+
+    The de-quantized weight is a temporary of the call that needs it (the fused LoRA node calls
+    ``weight_fn`` in its forward and again in its backward, and saves neither): no full-precision
+    copy of a quantized layer outlives one matmul, in or out of a checkpointed region, and the
+    caching allocator hands the same block to the next layer's de-quantization.
+    """
     w = base.weight
     if type(base) is nn.Linear or (isinstance(base, nn.Linear) and not hasattr(w, "quant_state") and w.dtype.is_floating_point):
         return w, None
     cls = type(w).__name__
-    if cls == "Params4bit":
+    if cls == "Params4bit" and getattr(w, "quant_state", None) is not None:
         import bitsandbytes.functional as bnbf
 
         return None, lambda: bnbf.dequantize_4bit(w.data, w.quant_state)
-    return None, None  # unknown (8-bit etc.): caller falls back to the module
+    if cls == "Int8Params" and w.dtype == torch.int8:
+        return None, partial(_dequantize_int8, base)
+    return None, None  # unknown (not yet quantized, other formats): caller falls back to the module
+
+
+def _dequantize_int8(base) -> torch.Tensor:
+    """fp32 weight of a ``Linear8bitLt`` (row-wise absmax int8: ``W = CB * SCB / 127``).
+
+    The fast path multiplies activations by this de-quantized weight in the compute dtype, where
+    bitsandbytes' own forward quantizes the activations to int8 too (LLM.int8()): results differ
+    from it by that activation quantization error, i.e. they are closer to the unquantized model.
+    bitsandbytes moves ``SCB`` from the weight to ``base.state`` on its first forward."""
+    w = base.weight
+    scb = getattr(w, "SCB", None)
+    if scb is None:
+        scb = getattr(getattr(base, "state", None), "SCB", None)
+    if scb is None:
+        raise RuntimeError(f"{type(base).__name__}: int8 weight without its scales (SCB)")
+    try:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.int8_vectorwise_dequant(w.data, scb)
+    except (ImportError, AttributeError):  # pragma: no cover - bitsandbytes < 0.45
+        return w.data.float() * (scb.float()[:, None] / 127.0)
 
 
 def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool) -> torch.Tensor:
@@ -69,8 +101,9 @@ class FusedProjection:
     when it is trained, and cached while it is frozen (LoRA), keyed by the tensors' identity and
     version so an optimizer step, ``.to()`` or a load invalidates it. LoRA adapters of the group are
     fused too: A matrices stacked, B matrices block-diagonal, so the whole group is one LoRA node.
-    Mixed or unusual groups (DoRA, dropout, quantized bases, different adapter sets) fall back to
-    one call per module; the result is the same concatenation.
+    Quantized (QLoRA) bases are de-quantized and stacked per call. Mixed or unusual groups (DoRA,
+    dropout, different adapter sets, a mix of quantized and plain bases) fall back to one call per
+    module; the result is the same concatenation.
     """
 
     def __init__(self, modules: list[nn.Module]):
@@ -104,11 +137,24 @@ class FusedProjection:
             if not isinstance(b, str):
                 return F.linear(x, w, b)
         loras = [_plain_lora(m) for m in mods]
-        if all(l is not None and type(l[0]) is nn.Linear and l[4] == 0.0 for l in loras):
-            w = self._cat([l[0].weight for l in loras])
+        if all(l is not None and l[4] == 0.0 for l in loras):
             b = self._cat([l[0].bias for l in loras])
             if not isinstance(b, str):
-                a_cat = torch.cat([l[1] for l in loras], 0)
-                b_block = torch.block_diag(*[l[2] * l[3] for l in loras])
-                return lora_linear(x, w, b, a_cat, b_block, 1.0, 0.0, training)
+                fusable = True
+                if all(type(l[0]) is nn.Linear for l in loras):
+                    w, weight_fn = self._cat([l[0].weight for l in loras]), None
+                else:
+                    # QLoRA: the quantized bases de-quantized into one stacked temporary per call
+                    # (one GEMM instead of one per projection); never cached, never saved.
+                    fns = [_base_weight(l[0]) for l in loras]
+                    fusable = all(wt is None and fn is not None for wt, fn in fns)
+                    w, weight_fn = None, partial(_stacked, [fn for _, fn in fns])
+                if fusable:
+                    a_cat = torch.cat([l[1] for l in loras], 0)
+                    b_block = torch.block_diag(*[l[2] * l[3] for l in loras])
+                    return lora_linear(x, w, b, a_cat, b_block, 1.0, 0.0, training, weight_fn=weight_fn)
         return torch.cat([apply_linear(x, m, training) for m in mods], -1)
+
+
+def _stacked(fns) -> torch.Tensor:
+    return torch.cat([fn() for fn in fns], 0)

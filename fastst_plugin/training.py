@@ -13,7 +13,7 @@ except where stock is broken (checkpointing kwargs on ST 6.0.x).
     trainer builds them (``collect_features``, wrapped too), so the loss, labels, prompts and
     ``dataset_name`` routing stay stock. Columns that are not tokenized feature dicts (the
     ``CrossEncoderTrainer`` hands raw texts to its loss) are left alone, and ``packed_columns`` itself
-    declines what it cannot combine (cached losses, DDP-wrapped models…). Nothing depends on
+    declines what it cannot combine (cached losses, wrappers other than DDP…). Nothing depends on
     ``max_steps``: epoch-based runs get the same path.
 
 ``BaseModel.gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` (+ ``*_disable``)
@@ -418,6 +418,10 @@ def install_trainer_integration() -> None:
                     patches.set(cls, "_load_from_checkpoint", _wrap_load_from_checkpoint(own["_load_from_checkpoint"]))
                 if "evaluation_loop" in own and not hasattr(own["evaluation_loop"], "_fastst_wrapped"):
                     patches.set(cls, "evaluation_loop", _wrap_evaluation_loop(own["evaluation_loop"]))
+            # GradCache losses: token-budget mini-batches over host packs, autocast replay.
+            from .cached_losses import install as install_cached_losses
+
+            install_cached_losses(patches)
         except Exception:
             patches.revert()
             raise

@@ -8,7 +8,9 @@ the same tensors stock code uses. What it adds: packing, varlen attention, Q/K/V
 projections as one matmul, fused LoRA, and the fused norm / activation / RoPE kernels.
 
 Options are read from the model's fastst state at each call (gradient checkpointing, attention
-backend, kernels), so the trainer can switch checkpointing on after ``enable_fast``.
+backend, kernels), so the trainer can switch checkpointing on after ``enable_fast``. Checkpointing
+wraps each layer ("layer", "selective") or each attention / MLP half-layer ("offload", the block
+inputs in host memory); what each mode stores is described in :mod:`fastst_plugin.checkpointing`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import ops
+from .. import checkpointing, ops
 from ..attention import varlen_attention
 from ..linear import FusedProjection, apply_linear
+from ..log import warn_once
 from . import base_model_of
 from .spec import POST_NORM, PRE_NORM, SANDWICH_NORM, BackboneSpec, layer_types
 
@@ -207,6 +210,37 @@ class PackedEncoder:
         m = ops.dropout(m, pd, training)
         return h + m.to(h.dtype)
 
+    # The same layer as two halves, each mapping one hidden-state tensor to the next (the unit the
+    # "offload" checkpointing mode stores and recomputes). Forward values equal ``layer_forward``'s
+    # bit for bit: the fused residual + norm kernel normalises the *rounded* sum, which is what the
+    # split ``h + a`` followed by a plain norm computes. Gradients may differ in the last bit of
+    # bf16 (the residual gradient is summed from two rounded terms instead of once, in fp32).
+    def attention_block(self, layer: _Layer, h, p, tables):
+        training = self.base.training
+        pd = self.hidden_dropout
+        if layer.ls.wiring == POST_NORM:
+            a = ops.dropout(self.attention(layer, h, p, tables, training), pd, training)
+            return self._norm(a, layer.post_attn_norm, residual=h)
+        x = self._norm(h, layer.attn_norm)
+        a = self.attention(layer, x, p, tables, training)
+        if layer.ls.wiring == SANDWICH_NORM:
+            a = self._norm(a, layer.post_attn_norm)
+        a = ops.dropout(a, pd, training)
+        return h + a.to(h.dtype)
+
+    def mlp_block(self, layer: _Layer, h):
+        training = self.base.training
+        pd = self.hidden_dropout
+        if layer.ls.wiring == POST_NORM:
+            m = ops.dropout(self.mlp(layer, h, training), pd, training)
+            return self._norm(m, layer.post_mlp_norm, residual=h)
+        x = self._norm(h, layer.mlp_norm)
+        m = self.mlp(layer, x, training)
+        if layer.ls.wiring == SANDWICH_NORM:
+            m = self._norm(m, layer.post_mlp_norm)
+        m = ops.dropout(m, pd, training)
+        return h + m.to(h.dtype)
+
     # -- whole forward ------------------------------------------------------------------------
     @property
     def pad_token_id(self) -> int:
@@ -238,6 +272,23 @@ class PackedEncoder:
     def __call__(self, p) -> torch.Tensor:
         return self.forward_eager(p)
 
+    def checkpoint_mode(self) -> str:
+        """The checkpointing mode this call uses: the option, in training with gradients enabled,
+        unless :func:`fastst_plugin.checkpointing.suspended` is active (cached losses' replay)."""
+        mode = self.state.options.gradient_checkpointing
+        if mode == "off" or not self.base.training or not torch.is_grad_enabled() or checkpointing.is_suspended():
+            return "off"
+        if torch._C._current_graph_task_id() != -1:
+            # A forward run inside a backward pass: a GradCache loss re-embedding one mini-batch
+            # whose backward follows at once. Only that mini-batch's activations ever exist, so
+            # checkpointing would only compute it a third time.
+            warn_once(
+                f"gradient_checkpointing={mode!r} is skipped for forwards run inside a backward pass (a cached "
+                "loss's replay): each mini-batch's activations are freed by its own backward already"
+            )
+            return "off"
+        return mode
+
     def forward_eager(self, p) -> torch.Tensor:
         if not self.spec.half_precision_ok and ops.autocast_dtype(p.input_ids.device.type) == torch.float16:
             raise ValueError(
@@ -245,39 +296,42 @@ class PackedEncoder:
             )
         h = self.embed(p)
         tables = self.rope_tables(p, h)
-        mode = self.state.options.gradient_checkpointing
-        use_ckpt = mode != "off" and self.base.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if use_ckpt:
-                h = self._checkpointed(layer, h, p, tables, mode)
-            else:
+        mode = self.checkpoint_mode()
+        if mode == "off":
+            for layer in self.layers:
                 h = self.layer_forward(layer, h, p, tables)
+        elif mode == "offload":
+            offloader = checkpointing.ActivationOffloader(h.device)
+            for layer in self.layers:
+                h = self._offloaded(partial(self.attention_block, layer, p=p, tables=tables), h, p, offloader)
+                h = self._offloaded(partial(self.mlp_block, layer), h, p, offloader)
+        else:
+            for layer in self.layers:
+                h = self._checkpointed(layer, h, p, tables, mode)
         if self.final_norm is not None:
             h = self._norm(h, self.final_norm)
         return h
 
     def _checkpointed(self, layer, h, p, tables, mode):
+        """One layer under non-reentrant checkpointing: ``h`` is all that is stored ("layer"), or
+        the selective policy's tensors too ("selective", see :mod:`fastst_plugin.checkpointing`)."""
         fn = partial(self.layer_forward, layer, p=p, tables=tables)
-        if mode == "offload":
-            # Keep the layer's saved activations in pinned host memory; copies overlap compute.
-            with torch.autograd.graph.save_on_cpu(pin_memory=h.is_cuda):
-                return fn(h)
         if mode == "selective":
-            from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-            return checkpoint(fn, h, use_reentrant=False, context_fn=_selective_context)
+            # A stored attention kernel is not re-run, so it must not be one that draws random numbers.
+            save_attention = not (self.base.training and self.attention_dropout > 0)
+            return checkpoint(fn, h, use_reentrant=False, context_fn=checkpointing.selective_context_fn(save_attention))
         return checkpoint(fn, h, use_reentrant=False)
 
+    @staticmethod
+    def _offloaded(unit, h, p, offloader):
+        """One half-layer ``unit`` checkpointed with its input ``h`` offloaded to host memory.
 
-def _selective_policy(ctx, op, *args, **kwargs):
-    """Keep matmul outputs (expensive to recompute, cheap per byte); recompute norms and activations."""
-    from torch.utils.checkpoint import CheckpointPolicy
+        ``h`` reaches the unit through the offloader, not as a tensor argument, so the checkpoint
+        stores nothing on the device. ``p.cu_seqlens`` is passed along only to tell the checkpoint
+        which device's RNG state to save and restore for the recompute (dropout)."""
+        stored = offloader.save(h)
+        return checkpoint(_run_stored, unit, stored, p.cu_seqlens, use_reentrant=False)
 
-    keep = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-
-def _selective_context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_selective_policy)
+def _run_stored(unit, stored, _device_anchor):
+    return unit(stored.get())

@@ -3,7 +3,7 @@
 Forward (x: [T, K], W: [N, K], A: [r, K], B: [N, r], s: scale, m: dropout keep-mask / (1 - p)):
 
     u = (x ⊙ m) Aᵀ                    [T, r]
-    y = x Wᵀ + b + s · u Bᵀ            [T, N]   (one GEMM plus one rank-r GEMM accumulated in place)
+    y = x Wᵀ + b + s · u Bᵀ            [T, N]   (the rank-r GEMM + bias, then the base GEMM adding onto it)
 
 Backward (g = dL/dy):
 
@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..checkpointing import recompute_hint
+
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False):
     xd = F.dropout(x, dropout_p, training) if dropout_p and training else x
@@ -43,8 +45,18 @@ class _LoRALinearFn(torch.autograd.Function):
         w = weight_fn() if weight_fn is not None else weight
         xd = x * mask if mask is not None else x
         u = xd @ lora_a.t()
-        y = F.linear(x, w, bias)
-        y.view(-1, y.shape[-1]).addmm_(u.view(-1, u.shape[-1]), lora_b.t(), alpha=scaling)
+        x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
+        # The rank-r term (+ bias) first, then the base product accumulated onto it out of place:
+        # the output comes from one op, which selective checkpointing stores, and the delta is
+        # marked for recomputation (cheap, and as large as the output). Same memory traffic as
+        # accumulating the delta in place into the base product.
+        with recompute_hint():
+            if bias is not None:
+                delta = torch.addmm(bias, u2, lora_b.t(), alpha=scaling)
+            else:
+                delta = torch.mm(u2, (lora_b * scaling if scaling != 1.0 else lora_b).t())
+        y = torch.addmm(delta, x2, w.t()).view(*x.shape[:-1], w.shape[0])
+        del delta
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
         ctx.w_needs_grad = weight is not None and weight.requires_grad

@@ -1,0 +1,277 @@
+"""GradCache ("Cached…") losses on the fast path.
+
+Sentence Transformers' cached losses (``CachedMultipleNegativesRankingLoss``, ``CachedGISTEmbedLoss``,
+``CachedMultipleNegativesSymmetricRankingLoss``, ``CachedSpladeLoss``, ``MegaBatchMarginLoss``…) embed
+their columns themselves, mini-batch by mini-batch, twice: without gradients, then again inside
+``loss.backward()`` with the RNG state of the first pass replayed (see
+``sentence_transformers.base.losses.gradcache``). :func:`install` (called with the trainer
+integration, reverted with it) patches the shared helpers they use so that, for features that
+carry a host pack (they come from a fast model's ``preprocess``):
+
+* mini-batches are cut by **token budget** over the packed texts: ``mini_batch_num_tokens`` when the
+  loss sets it, else ``mini_batch_size`` × the column's padded width — the token positions stock's
+  first padded mini-batch computes, so no packed mini-batch holds more activations than stock's
+  largest one, and short texts share a mini-batch instead of each group of ``mini_batch_size``
+  being run on its own. Boundaries come from the host pack: no device synchronisation (stock
+  reads the attention mask back from the GPU for every mini-batch);
+* each mini-batch gets its own host pack (rows sliced on the host), so it runs through the
+  encoder's ``run_host`` like any training forward — CUDA graphs included, for the no-gradient pass
+  and the replay alike — instead of being re-packed from its mask with a device round trip;
+* the with-gradient replay re-enters the first pass's autocast state along with its RNG state.
+  Stock replays the RNG only; the replay runs inside ``backward()``, normally outside the trainer's
+  autocast, so a bf16 first pass was replayed in fp32: slower, and not the function whose
+  embeddings the cached gradients belong to;
+* the packed encoder does not checkpoint inside the replay (it runs inside a backward pass with one
+  mini-batch's activations alive at a time; checkpointing would compute each mini-batch a third
+  time): see ``PackedEncoder.checkpoint_mode``;
+* the first mini-batch of a step is embedded with gradients in the first pass and its graph kept:
+  the replay reaches it first and only runs its backward (one forward fewer per step). Its
+  activations then live through the rest of the first pass, where the other mini-batches run
+  without gradients (a small transient each): the peak stays that of one with-gradient
+  mini-batch, as in the replay. Not under torch.distributed, where DDP expects the replay's
+  forward/backward pairs.
+
+Token budgets and host packs apply to every loss that uses the shared helpers (``CachedGISTEmbedLoss``
+and the multi-vector cached loss included), skipping checkpointing to every forward run inside a
+backward pass; the autocast replay and the kept first mini-batch to the losses built on
+``CachedLossMixin`` (``CachedMultipleNegativesRankingLoss``, its symmetric variant,
+``CachedSpladeLoss``, ``MegaBatchMarginLoss``). Anything else (features without a host pack, image
+inputs, flattened features) goes to the stock helpers unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Mapping
+
+import torch
+
+from .log import logger
+from .packing import HOST_PACK_KEY, HostPack
+
+# Feature keys the fast text path knows how to slice (others: stock helpers).
+_TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids", HOST_PACK_KEY, "modality", "prompt_length"}
+
+
+def fast_host_pack(features) -> HostPack | None:
+    """The host pack of text features a fast ``preprocess`` produced, else None."""
+    if not isinstance(features, Mapping) or set(features) - _TEXT_KEYS:
+        return None
+    if features.get("modality", "text") != "text":
+        return None
+    hp = features.get(HOST_PACK_KEY)
+    ids = features.get("input_ids")
+    if isinstance(hp, HostPack) and isinstance(ids, torch.Tensor) and ids.dim() == 2 and hp.matches(ids):
+        return hp
+    return None
+
+
+def token_budget_ranges(hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None) -> list[tuple[int, int]]:
+    """``(begin, end)`` row ranges of consecutive texts whose real tokens fit the budget
+    (``mini_batch_num_tokens``, else ``mini_batch_size`` × the padded width); a text longer than
+    the budget is a mini-batch of its own. Host data only."""
+    n, width = hp.orig_shape
+    if n == 0:
+        return []
+    if mini_batch_num_tokens is not None:
+        budget = int(mini_batch_num_tokens)
+    else:
+        budget = int(mini_batch_size) * max(int(width), 1)
+    budget = max(budget, 1)
+    cumulative = hp.cu_seqlens[1:].to(torch.int64)
+    ranges = []
+    begin = 0
+    while begin < n:
+        start = int(hp.cu_seqlens[begin])
+        end = int(torch.searchsorted(cumulative, torch.tensor(start + budget), right=True))
+        end = min(max(end, begin + 1), n)
+        ranges.append((begin, end))
+        begin = end
+    return ranges
+
+
+def slice_host_pack(hp: HostPack, begin: int, end: int) -> tuple[HostPack, int]:
+    """Rows ``begin:end`` of a host pack as the pack of the sliced features, and the padded width of
+    those features (stock's mini-batch drops the trailing padding columns none of its rows uses)."""
+    n, width = hp.orig_shape
+    end = min(end, n)
+    t0, t1 = int(hp.cu_seqlens[begin]), int(hp.cu_seqlens[end])
+    cols = hp.orig_index[t0:t1] % max(width, 1)
+    new_width = int(cols.max()) + 1 if t1 > t0 else width
+    seq_idx = hp.seq_idx[t0:t1] - begin
+    lengths = hp.lengths[begin:end]
+    max_seqlen = int(lengths.max()) if end > begin else 0
+    positions = hp.position_ids[t0:t1]
+    sub = HostPack(
+        input_ids=hp.input_ids[t0:t1],
+        position_ids=positions,
+        token_type_ids=hp.token_type_ids[t0:t1] if hp.token_type_ids is not None else None,
+        cu_seqlens=hp.cu_seqlens[begin : end + 1] - hp.cu_seqlens[begin],
+        seq_idx=seq_idx,
+        orig_index=seq_idx * new_width + cols,
+        pad_index=seq_idx * max_seqlen + positions,
+        lengths=lengths,
+        max_seqlen=max_seqlen,
+        orig_shape=(end - begin, new_width),
+    )
+    return sub, new_width
+
+
+def create_minibatch(features: dict, begin: int, end: int, hp: HostPack) -> dict:
+    """Stock ``_create_minibatch`` for fast text features, reading nothing back from the device:
+    tensors are row-sliced (trailing padding columns trimmed, as stock does) and the host pack is
+    sliced on the host."""
+    n, width = hp.orig_shape
+    end = min(end, n)
+    sub, new_width = slice_host_pack(hp, begin, end)
+    out = {}
+    for key, value in features.items():
+        if key == HOST_PACK_KEY:
+            out[key] = sub
+        elif not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+        elif value.dim() >= 2 and value.shape[1] == width:
+            out[key] = value[begin:end, :new_width]
+        else:
+            out[key] = value[begin:end]
+    return out
+
+
+def _wrap_create_minibatch(orig):
+    def _create_minibatch(sentence_feature, begin, end):
+        hp = fast_host_pack(sentence_feature)
+        if hp is None:
+            return orig(sentence_feature, begin, end)
+        return create_minibatch(sentence_feature, begin, end, hp)
+
+    _create_minibatch._fastst_wrapped = orig
+    return _create_minibatch
+
+
+def _wrap_minibatch_ranges(orig):
+    def _minibatch_ranges(sentence_feature, mini_batch_size, mini_batch_num_tokens=None):
+        hp = fast_host_pack(sentence_feature)
+        if hp is None:
+            return orig(sentence_feature, mini_batch_size, mini_batch_num_tokens)
+        return token_budget_ranges(hp, mini_batch_size, mini_batch_num_tokens)
+
+    _minibatch_ranges._fastst_wrapped = orig
+    return _minibatch_ranges
+
+
+def _autocast_state(device_type: str):
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # pragma: no cover - a device type without autocast
+        return None
+
+
+def _model_state(loss):
+    from .api import get_state
+
+    model = getattr(loss, "model", None)
+    return get_state(getattr(model, "_orig_mod", model))
+
+
+@contextlib.contextmanager
+def _graphs_off(state):
+    """The packed encoder runs eagerly inside the block (options are read at every call)."""
+    if state is None or not state.options.cuda_graphs:
+        yield
+        return
+    state.options.cuda_graphs = False
+    try:
+        yield
+    finally:
+        state.options.cuda_graphs = True
+
+
+def _wrap_embed_minibatch(orig):
+    def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None, *args, **kwargs):
+        def call(with_grad=with_grad):
+            return orig(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state, *args, **kwargs)
+
+        if fast_host_pack(sentence_feature) is None:
+            return call()
+        if random_state is not None:  # the replay
+            kept = random_state.__dict__.pop("_fastst_kept", None)
+            if kept is not None and with_grad:
+                return kept, random_state
+            amp = random_state.__dict__.get("_fastst_autocast")
+            if amp is not None:
+                device_type, enabled, dtype = amp
+                with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    return call()
+            return call()
+        keep = not with_grad and copy_random_state and self.__dict__.get("_fastst_keep_first", False)
+        if keep:
+            # The first mini-batch of the step is embedded with its graph, kept for the replay,
+            # which reaches it first: one forward fewer per step for the memory of the one
+            # mini-batch the replay holds anyway. Eager: a graphed forward would hold the graph pool
+            # until that backward and keep every other mini-batch of this pass off the graphs.
+            self.__dict__["_fastst_keep_first"] = False
+            with _graphs_off(_model_state(self)):
+                out = call(with_grad=True)
+        else:
+            out = call()
+        state = out[-1] if isinstance(out, tuple) and out else None
+        if copy_random_state and state is not None and hasattr(state, "__dict__"):
+            state.__dict__["_fastst_autocast"] = _autocast_state(sentence_feature["input_ids"].device.type)
+            if keep:
+                state.__dict__["_fastst_kept"] = out[0]
+        return out
+
+    embed_minibatch._fastst_wrapped = orig
+    return embed_minibatch
+
+
+def _wrap_forward_cached(orig):
+    def forward_cached(self, *args, **kwargs):
+        # Keeping a mini-batch's graph from the first pass is for a plain backward() only: under
+        # torch.distributed, DDP expects the replay's forward/backward pairs.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.__dict__["_fastst_keep_first"] = torch.is_grad_enabled() and not distributed
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_fastst_keep_first", None)
+
+    forward_cached._fastst_wrapped = orig
+    return forward_cached
+
+
+def install(patches) -> None:
+    """Patch Sentence Transformers' GradCache helpers (recorded in ``patches``, a PatchSet)."""
+    try:
+        from sentence_transformers.base.losses import gradcache
+    except ImportError:  # pragma: no cover - sentence-transformers without the shared GradCache module
+        logger.debug("sentence_transformers.base.losses.gradcache not found: cached losses run stock")
+        return
+    # Import the loss modules that copy the helpers by name, so that every copy is patched below.
+    for name in (
+        "sentence_transformers.base.losses.merged_forward",
+        "sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking",
+        "sentence_transformers.sentence_transformer.losses.cached_gist_embed",
+        "sentence_transformers.multi_vector_encoder.losses.cached_multiple_negatives_ranking",
+    ):
+        try:
+            __import__(name)
+        except Exception as exc:  # noqa: BLE001 - optional modules of some ST versions
+            logger.debug(f"{name} not importable ({exc!r}); not patched")
+    originals = {
+        "_create_minibatch": (getattr(gradcache, "_create_minibatch", None), _wrap_create_minibatch),
+        "_minibatch_ranges": (getattr(gradcache, "_minibatch_ranges", None), _wrap_minibatch_ranges),
+    }
+    for attr, (orig, wrap) in originals.items():
+        if orig is None:
+            continue
+        wrapped = wrap(orig)
+        for name, module in list(sys.modules.items()):
+            if module is not None and name.startswith("sentence_transformers") and module.__dict__.get(attr) is orig:
+                patches.set(module, attr, wrapped)
+    mixin = getattr(gradcache, "CachedLossMixin", None)
+    if mixin is not None and "embed_minibatch" in mixin.__dict__:
+        patches.set(mixin, "embed_minibatch", _wrap_embed_minibatch(mixin.__dict__["embed_minibatch"]))
+        if "forward_cached" in mixin.__dict__:
+            patches.set(mixin, "forward_cached", _wrap_forward_cached(mixin.__dict__["forward_cached"]))

