@@ -8,8 +8,15 @@ shared forward exactly as through separate ones (tests compare them).
 
 Not used for GradCache ("Cached…") losses, which embed mini-batches themselves, for columns
 that do not come from the fast ``preprocess`` (no host pack), for prompts excluded from pooling
-that differ between columns, or when the model is wrapped (DDP) — there each column runs its own
-(still padding-free) forward.
+that differ between columns, or for wrappers other than DistributedDataParallel — there each column
+runs its own (still padding-free) forward.
+
+Under DDP (the trainer hands the loss a ``DistributedDataParallel`` wrapper) the shared forward is
+called *through* the wrapper, so that DDP does its per-forward bookkeeping for it (buffer broadcast,
+``prepare_for_backward``, the unused-parameter search from its outputs); the loss's own per-column
+calls then pass through DDP too, as in stock, and get the shared results. DDP copies the features
+dict it is given (moving inputs to the device), so the results are looked up by the column's host
+pack, which DDP passes through untouched, not by the dict's identity.
 """
 
 from __future__ import annotations
@@ -30,21 +37,42 @@ def precomputed_output(features: dict) -> dict | None:
     table = _PRECOMPUTED.get()
     if table is None:
         return None
-    return table.get(id(features))
+    # Keyed by the host pack (DDP hands the model a copy of the features dict, with the same host
+    # pack and input_ids objects in it); the input_ids check refuses a dict that only carries the
+    # pack along with other rows (a loss slicing a column).
+    entry = table.get(id(features.get(HOST_PACK_KEY)))
+    if entry is None or features.get("input_ids") is not entry[0]:
+        return None
+    return entry[1]
+
+
+def _ddp_inner(model):
+    """The module inside a ``DistributedDataParallel`` wrapper, else ``model`` itself."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    if ddp is not None and isinstance(model, ddp):
+        return model.module
+    return model
 
 
 def _can_combine(model, features_list, loss) -> bool:
-    from .api import get_state
+    from .api import _find_transformer, get_state
 
-    state = get_state(model)
+    inner = _ddp_inner(model)
+    state = get_state(inner)
     if state is None or state.encoder is None or len(features_list) < 2:
         return False
+    if _find_transformer(inner) is None:
+        return False  # another wrapper (torch.compile...) around the model: its modules are not ours to run
     if loss is not None:
-        if type(loss).__name__.startswith("Cached") or getattr(loss, "model", model) is not model:
+        # The trainer puts its DDP wrapper into the loss only after collecting the features of the
+        # first step: compare what is inside the wrappers.
+        if type(loss).__name__.startswith("Cached") or _ddp_inner(getattr(loss, "model", model)) is not inner:
             return False
     packs = [f.get(HOST_PACK_KEY) for f in features_list]
     if not all(isinstance(p, HostPack) and p.matches(f["input_ids"]) for p, f in zip(packs, features_list)):
         return False
+    if len({id(p) for p in packs}) != len(packs):
+        return False  # one column twice: results are looked up by host pack
     if any(set(f) - _SIMPLE_KEYS for f in features_list):
         return False
     if any(f.get("modality", "text") != "text" for f in features_list):
@@ -55,7 +83,8 @@ def _can_combine(model, features_list, loss) -> bool:
     return True
 
 
-def _run_combined(model, features_list):
+def _forward_combined(model, features_list) -> dict[str, Any]:
+    """One packed forward over all columns: ``token_embeddings`` [T, H] and ``sentence_embedding``."""
     from .api import _find_transformer, get_state
 
     state = get_state(model)
@@ -69,15 +98,47 @@ def _run_combined(model, features_list):
     mods = list(model.children())
     for module in mods[mods.index(transformer) + 1 :]:
         feats = module(feats)
+    return feats
+
+
+_MISSING = object()
+
+
+def _forward_through(wrapper, inner, fn):
+    """Call ``wrapper`` (DDP) with ``fn()`` standing in for ``inner``'s forward for this one call.
+
+    DDP's pre/post-forward work is what a backward through its module needs (without it the
+    reducer ignores the gradients: no all-reduce). The stand-in is an instance attribute, restored
+    exactly afterwards (the model's own forward may itself be an instance patch).
+    """
+    previous = inner.__dict__.get("forward", _MISSING)
+    inner.__dict__["forward"] = lambda *_args, **_kwargs: fn()
+    try:
+        # One positional input: DDP moves and rebuilds its inputs, and refuses an empty call.
+        return wrapper({"fastst_packed_columns": 1})
+    finally:
+        if previous is _MISSING:
+            inner.__dict__.pop("forward", None)
+        else:
+            inner.__dict__["forward"] = previous
+
+
+def _run_combined(model, features_list):
+    inner = _ddp_inner(model)
+    if inner is model:
+        feats = _forward_combined(model, features_list)
+    else:
+        feats = _forward_through(model, inner, lambda: _forward_combined(inner, features_list))
+    packs = [f[HOST_PACK_KEY] for f in features_list]
     embeddings = feats["sentence_embedding"].split([p.num_seqs for p in packs])
     token_counts = [int(p.cu_seqlens[-1]) for p in packs]
-    tokens = hidden.split(token_counts)
+    tokens = feats["token_embeddings"].split(token_counts)
     outputs = {}
     for f, emb, tok in zip(features_list, embeddings, tokens):
         out = dict(f)
         out["sentence_embedding"] = emb
         out["token_embeddings"] = tok
-        outputs[id(f)] = out
+        outputs[id(f[HOST_PACK_KEY])] = (f["input_ids"], out)
     return outputs
 
 

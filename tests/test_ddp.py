@@ -1,0 +1,139 @@
+"""DDP on the CPU: ``torchrun --nproc_per_node 2`` (gloo) of ``fastst_plugin.bench.ddp`` against the
+same run in one process.
+
+The runner trains a tiny random BERT (the bench's ``--smoke`` config, fp32, no dropout) with the real
+``SentenceTransformerTrainer`` and MNRL (``gather_across_devices=True``), fastst enabled, full
+fine-tuning (BERT's pooler is then a trainable parameter that gets no gradient: DDP's unused-parameter
+path). With the same global batch and seed, every step of the 2-process run must see the same rows
+(same real-token count) and give the same loss as the 1-process run, to fp32 rounding — which also
+checks that the gradients were all-reduced (without it the ranks' weights would drift apart after the
+first step). The fast path must have run under DDP: one packed forward per loss call on every rank,
+called through the DDP wrapper, with and without the trainer's gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets")
+pytest.importorskip("accelerate")
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+ARGS = [
+    "--model", "bert-base", "--smoke", "--lora-r", "0", "--global-batch", "8", "--steps", str(STEPS),
+    "--warmup", "1", "--max-seq-length", "64", "--no-dropout", "--seed", "0",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        # Torch reference ops in both runs (the DDP logic is what is tested; Triton's CPU interpreter
+        # would only make the ranks slower).
+        FASTST_KERNELS="torch",
+        PYTHONPATH=os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+    )
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read(path: Path):
+    steps, summary = [], None
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["record"] == "step":
+            steps.append(r)
+        else:
+            summary = r
+    return steps, summary
+
+
+def _one_process_run(out: Path, monkeypatch) -> None:
+    """The reference, in this process (no second interpreter start-up on a 2-CPU runner)."""
+    import torch
+
+    from fastst_plugin import training
+    from fastst_plugin.bench import ddp
+
+    for name, value in _env().items():
+        if os.environ.get(name) != value:
+            monkeypatch.setenv(name, value)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    installed = training.is_installed()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert ddp.main([*ARGS, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        if not installed:
+            training.uninstall_trainer_integration()
+
+
+def test_two_processes_match_one(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The 2-process run does both checkpointing settings in one launch (one start-up, one import);
+    # the 1-process reference runs here meanwhile.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "fastst_plugin.bench.ddp", *ARGS,
+        "--gradient-checkpointing", "off,on", "--out", str(two),
+    ]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as sink:
+        # Own session: on failure the launcher and its two workers go down together.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _one_process_run(one, monkeypatch)
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if rc != 0:
+        pytest.fail(f"torchrun --nproc_per_node 2 exited {rc}:\n{log.read_text()[-6000:]}")
+
+    ref_steps, ref = _read(one / "ddp-bert-base-full-1gpu-nockpt.jsonl")
+    assert ref["world_size"] == 1 and ref["steps"] == STEPS
+    assert ref_steps[-1]["loss"] != ref_steps[0]["loss"]  # the optimizer did change the weights
+    for ckpt in ("nockpt", "ckpt"):
+        steps, summary = _read(two / f"ddp-bert-base-full-2gpu-{ckpt}.jsonl")
+        assert summary["world_size"] == 2 and summary["per_device_batch"] == 4 and summary["steps"] == STEPS
+        for a, b in zip(steps, ref_steps):
+            assert a["tokens"] == b["tokens"], (ckpt, a, b)  # the ranks together hold the 1-process batch
+            assert abs(a["loss"] - b["loss"]) < 2e-5, (ckpt, a, b)
+        assert summary["find_unused_parameters"] is True  # the trainer's default for ST models
+        ranks = summary["fast_path_per_rank"]
+        assert len(ranks) == 2
+        for r in ranks:
+            assert r["packed_forwards"] == STEPS, r  # one packed forward per loss call, through DDP
+            assert r["ckpt_option"] == ("layer" if ckpt == "ckpt" else "off"), r
+
+    from fastst_plugin.bench.ddp import compare
+
+    table, ok = compare(sorted(str(p) for p in list(one.glob("*.jsonl")) + list(two.glob("*.jsonl"))), max_loss_diff=2e-5)
+    assert ok, table
