@@ -70,6 +70,19 @@ _BERT_COMMON = dict(
 )
 _BERT_SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
+# What the two Qwen3-Embedding configurations share (their published config.json files).
+_QWEN3_COMMON = dict(
+    num_key_value_heads=8, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
+    attention_bias=False, attention_dropout=0.0, use_sliding_window=False, sliding_window=None,
+    tie_word_embeddings=True, initializer_range=0.02, pad_token_id=0, bos_token_id=151643,
+    eos_token_id=151643, use_cache=False,
+)
+_QWEN3_SMOKE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_window_layers=2, vocab_size=30522,
+)
+
+
 MODELS: dict[str, ModelDef] = {
     "minilm": ModelDef(
         key="minilm",
@@ -175,82 +188,24 @@ MODELS: dict[str, ModelDef] = {
         display="Qwen/Qwen3-Embedding-0.6B",
         model_type="qwen3",
         config=dict(
-            vocab_size=151669,
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            hidden_act="silu",
-            max_position_embeddings=32768,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            attention_bias=False,
-            attention_dropout=0.0,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=28,
-            tie_word_embeddings=True,
-            initializer_range=0.02,
-            pad_token_id=0,
-            bos_token_id=151643,
-            eos_token_id=151643,
-            use_cache=False,
+            _QWEN3_COMMON, vocab_size=151669, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+            num_attention_heads=16, max_position_embeddings=32768, max_window_layers=28,
         ),
         pooling="lasttoken",
         padding_side="left",
-        smoke_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_window_layers=2,
-            vocab_size=30522,
-        ),
+        smoke_config=_QWEN3_SMOKE,
     ),
     "qwen3-4b": ModelDef(
         key="qwen3-4b",
         display="Qwen/Qwen3-Embedding-4B",
         model_type="qwen3",
         config=dict(
-            vocab_size=151665,
-            hidden_size=2560,
-            intermediate_size=9728,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            hidden_act="silu",
-            max_position_embeddings=40960,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            attention_bias=False,
-            attention_dropout=0.0,
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=36,
-            tie_word_embeddings=True,
-            initializer_range=0.02,
-            pad_token_id=0,
-            bos_token_id=151643,
-            eos_token_id=151643,
-            use_cache=False,
+            _QWEN3_COMMON, vocab_size=151665, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+            num_attention_heads=32, max_position_embeddings=40960, max_window_layers=36,
         ),
         pooling="lasttoken",
         padding_side="left",
-        smoke_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_window_layers=2,
-            vocab_size=30522,
-        ),
+        smoke_config=_QWEN3_SMOKE,
     ),
 }
 ALIASES = {
