@@ -168,7 +168,7 @@ class PackedEncoder:
             # Flash kernels take fp16/bf16 only; q/k norms under autocast hand back fp32.
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         o = varlen_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), p.cu_seqlens, p.max_seqlen,
+            q, k, v, p.cu_seqlens, p.max_seqlen,
             causal=self.causal, window=layer.window, scale=self.scale,
             dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
         )
