@@ -47,7 +47,10 @@ NO_GRAD_CAPTURE_AFTER = 3
 # bucket keeps its activations reserved in the graph pool: long documents run eagerly.
 GRAPH_MAX_TOKENS = 32768
 # Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
+# Training (with gradients) and inference (without) count separately: an evaluator's encode calls
+# between training steps must not take the training buckets' places.
 MAX_GRAPHS = 8
+MAX_NO_GRAD_GRAPHS = 8
 
 
 # Every module or parameter registered anywhere (peft injecting adapters, a weight reassigned) bumps
@@ -89,6 +92,32 @@ def bucket_tokens(t: int) -> int:
 
 def bucket_seqs(n: int) -> int:
     return int(math.ceil(max(n, 1) / 64) * 64)
+
+
+def bucket_seqs_no_grad(n: int) -> int:
+    """Coarser sequence buckets for inference: encode packs batches to a token budget, so their token
+    counts land in one or two buckets while their text counts spread over 30-1,000 (long texts
+    first, short ones last); powers of two keep that to a handful of graphs. The extra, empty
+    sequences cost a few idle attention programs."""
+    return max(64, 1 << (max(n, 1) - 1).bit_length())
+
+
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device) -> "torch.cuda.Stream":
+    """One side stream per device for every warm-up and capture.
+
+    cuBLAS keeps a 32 MiB workspace per (thread, stream) pair it has run on, for the life of the
+    process: a new stream per capture (and torch's own default capture stream beside the warm-up
+    stream) added two workspaces per captured bucket (the forward's thread and autograd's), which was
+    most of the fixed memory MiniLM's fast path had over stock (measured on an H200: six extra
+    workspaces, 0.2 GB of a 0.87 GB peak)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
 
 
 class _StaticBatch:
@@ -229,7 +258,7 @@ class GraphedEncoder:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
-        side = torch.cuda.Stream()
+        side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
@@ -243,13 +272,13 @@ class GraphedEncoder:
         mode = _capture_mode()
         fwd = torch.cuda.CUDAGraph()
         with torch.set_grad_enabled(grad):
-            with torch.cuda.graph(fwd, pool=self.pool, capture_error_mode=mode):
+            with torch.cuda.graph(fwd, pool=self.pool, stream=side, capture_error_mode=mode):
                 out = self.encoder.forward_eager(packed)
         bwd = grad_out = grad_params = None
         if grad and params and out.requires_grad:
             grad_out = torch.empty_like(out)
             bwd = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bwd, pool=self.pool, capture_error_mode=mode):
+            with torch.cuda.graph(bwd, pool=self.pool, stream=side, capture_error_mode=mode):
                 grad_params = torch.autograd.grad(out, params, grad_out, allow_unused=True)
         return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params)
 
@@ -259,7 +288,9 @@ class GraphedEncoder:
             return None
         t = int(hp.cu_seqlens[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._all_params())
-        key = (bucket_tokens(t), bucket_seqs(hp.num_seqs + math.ceil((bucket_tokens(t) - t) / self.cap)),
+        t_b = bucket_tokens(t)
+        n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
+        key = (t_b, bucket_seqs(n) if grad else bucket_seqs_no_grad(n),
                self.encoder.base.training, self.encoder.uses_token_types, grad)
         cap = self.graphs.get(key)
         if cap is None:
@@ -269,7 +300,7 @@ class GraphedEncoder:
             self._seen[key] = self._seen.get(key, 0) + 1
             if not grad and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
                 return None
-            if len(self.graphs) >= MAX_GRAPHS:
+            if sum(1 for k in self.graphs if k[-1] == grad) >= (MAX_GRAPHS if grad else MAX_NO_GRAD_GRAPHS):
                 return None
             try:
                 # Captured outside inference mode even when called from encode (which runs under

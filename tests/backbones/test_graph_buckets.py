@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import fastst_plugin
-from fastst_plugin.graphs import _StaticBatch, bucket_seqs, bucket_tokens
+from fastst_plugin.graphs import _StaticBatch, bucket_seqs, bucket_seqs_no_grad, bucket_tokens
 from fastst_plugin.packing import host_pack
 
 from ._models import save_tiny
@@ -17,6 +17,11 @@ def test_buckets_grow_by_about_an_eighth():
     assert bucket_tokens(6200) == 6656  # steps of 512 between 4096 and 8191
     assert bucket_tokens(6656) == 6656
     assert bucket_seqs(130) == 192
+
+
+def test_inference_sequence_buckets_are_powers_of_two():
+    # encode's token-budget batches hold 30-1,000 texts: a handful of graphs covers them
+    assert [bucket_seqs_no_grad(n) for n in (1, 64, 65, 200, 513, 1000)] == [64, 64, 128, 256, 1024, 1024]
 
 
 def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
