@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-seq-length", default="256")
     ap.add_argument("--batch-size", default="64")
+    ap.add_argument("--extra", default="", help="more `fastst bench train` arguments, e.g. '--loss cached-mnrl --mini-batch-size 64'")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     args = ap.parse_args()
 
     from fastst_plugin.bench import _finalize, _quiet_libraries, build_parser
@@ -40,7 +42,7 @@ def main() -> None:
 
     opts = build_parser().parse_args(
         ["train", "--models", args.model, "--mode", args.mode, "--contenders", args.contender, "--no-dropout",
-         "--max-seq-length", args.max_seq_length, "--batch-size", args.batch_size, "--steps", "10"]
+         "--max-seq-length", args.max_seq_length, "--batch-size", args.batch_size, "--steps", "10", *args.extra.split()]
     )
     opts.argv = []
     _finalize(opts)
@@ -88,7 +90,7 @@ def main() -> None:
     text = out.getvalue()
     print(text)
     d = os.environ.get("OUT", ".")
-    with open(os.path.join(d, f"profile-{args.model}-{args.mode}-{args.contender}.txt"), "w") as f:
+    with open(os.path.join(d, f"profile-{args.model}-{args.mode}-{args.contender}{args.tag}.txt"), "w") as f:
         f.write(text)
 
 

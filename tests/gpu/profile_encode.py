@@ -1,0 +1,116 @@
+"""Where fastst's ``encode`` time goes (run on the GPU machine): issue #7's cell, host side first.
+
+    python tests/gpu/profile_encode.py [--models minilm,bert-base] [--corpus-size 6000]
+
+Per model (same construction as ``fastst bench encode``: bf16, max_seq_length 512, batch_size 128,
+Debian documents): the direct tokenization alone (1, 4, 8, 16 fan-out threads), stock and fastst
+wall times (synchronized, 3 repetitions each), then one fastst call under cProfile (main thread: the
+time it waits for the tokenizer thread shows as lock ``acquire`` / ``_prefetched``) and under
+torch.profiler (GPU busy time, kernel count). Writes $OUT/profile-encode-MODEL.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, reps=3):
+    out = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--corpus-size", type=int, default=6000)
+    ap.add_argument("--max-seq-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=128)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from fastst_plugin import enable_fast, inference
+    from fastst_plugin.bench import data, models
+
+    docs = data.corpus(data.load_pairs(), args.corpus_size, long_docs=False, max_seq_length=args.max_seq_length)
+    print(f"cpus {len(os.sched_getaffinity(0))}, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}", flush=True)
+    for key in args.models.split(","):
+        out = io.StringIO()
+        spec = models.resolve_model(key)
+        built = models.build_model(spec, max_seq_length=args.max_seq_length, device=device,
+                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model = built.model.eval()
+        tok = inference._DirectTokenizer.for_call(built.transformer, {})
+        for threads in (1, 4, 8, 16):
+            pool = ThreadPoolExecutor(threads) if threads > 1 else None
+            t0 = time.perf_counter()
+            enc = tok(docs, None, pool)
+            t1 = time.perf_counter()
+            flat = inference._Flat(enc, True)
+            t2 = time.perf_counter()
+            print(f"{key}: direct tokenization, {threads} threads: {1e3 * (t1 - t0):.0f} ms, flatten {1e3 * (t2 - t1):.0f} ms, "
+                  f"{int(flat.cu[-1])} tokens", file=out)
+            if pool is not None:
+                pool.shutdown()
+        t0 = time.perf_counter()
+        model.preprocess(docs[:2048])
+        print(f"{key}: stock preprocess of 2048 docs: {1e3 * (time.perf_counter() - t0):.0f} ms", file=out)
+        kw = dict(batch_size=args.batch_size, show_progress_bar=False)
+        model.encode(docs[:1000], **kw)
+        stock_ms = _timed(lambda: model.encode(docs, **kw), reps=2)
+        enable_fast(model)
+        model.encode(docs, **kw)
+        fast_ms = _timed(lambda: model.encode(docs, **kw))
+        fast_t_ms = _timed(lambda: model.encode(docs, convert_to_tensor=True, **kw))
+        print(f"{key}: stock {stock_ms:.0f} ms, fastst {fast_ms:.0f} ms (numpy out), {fast_t_ms:.0f} ms (tensor out): "
+              f"{stock_ms / fast_ms:.2f}x", file=out)
+        prof = cProfile.Profile()
+        _sync()
+        prof.enable()
+        model.encode(docs, **kw)
+        _sync()
+        prof.disable()
+        st = pstats.Stats(prof, stream=out)
+        st.sort_stats("tottime").print_stats(25)
+        st.sort_stats("cumulative").print_stats(40)
+        if device == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                model.encode(docs, **kw)
+                _sync()
+            evs = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.self_device_time_total for e in evs) / 1e3
+            print(f"{key}: GPU kernel time {busy:.0f} ms, {sum(e.count for e in evs)} kernels", file=out)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=out)
+        text = out.getvalue()
+        print(text, flush=True)
+        with open(os.path.join(os.environ.get("OUT", "."), f"profile-encode-{key}.txt"), "w") as f:
+            f.write(text)
+        del model, built
+        torch.cuda.empty_cache() if device == "cuda" else None
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    main()
