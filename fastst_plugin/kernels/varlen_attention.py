@@ -268,14 +268,22 @@ if triton_available():
 _LOG2E = 1.4426950408889634
 
 
+# Longest text above which the "long" launch configurations apply (see _config).
+LONG_SEQLEN = 256
+
+
 @functools.lru_cache(maxsize=None)
-def _config(head_dim: int, interpret: bool) -> Tuple[int, int, int, int, int, int, int]:
+def _config(head_dim: int, interpret: bool, long: bool = False) -> Tuple[int, int, int, int, int, int, int]:
     """(fwd BLOCK_M, fwd BLOCK_N, fwd warps, fwd stages, bwd BLOCK, bwd warps, bwd stages).
 
     Blocks of 64 tokens: a ~48-token text is one block, so its whole backward is one program per
-    head. Warps chosen so that ptxas (sm_90, bf16, triton 3.9) reports no register spills, except
-    D 128's backward at 64 (a few hundred bytes; 32-token blocks with 8 warps do not spill). Not yet
-    timed on the GPU: ``tests/gpu/attention_bench.py --sweep`` compares alternatives.
+    head. Chosen from GPU time of the kernels alone on an H200 (bf16, CUDA-graph replay,
+    ``tests/gpu/attention_bench.py --kernel-only --sweep``, docs/results/h200-2026-11-28-c/attention.md):
+    128 texts of ~48 tokens (max 256) and 16 documents of ~800 tokens (max 1024). The backward wants
+    4 warps up to head dim 64 (8 warps ran 1.7-2x slower: 148 -> 86 µs per bert-base layer); at head
+    dim 128 short texts want 32-token backward blocks and a 32-key forward loop (Qwen3: 257 -> 195 µs
+    backward, 76 -> 52 µs forward), long ones 64-token blocks with 8 warps. ``long``: the batch's
+    longest text exceeds ``LONG_SEQLEN``.
     ``FASTST_ATTN_CONFIG="bm,bn,fw,fs,b,bw,bs"`` overrides (blocks: powers of two >= 16).
     The interpreter uses 16-token blocks: quick, and tiny test sequences still cross block boundaries.
     """
@@ -287,11 +295,11 @@ def _config(head_dim: int, interpret: bool) -> Tuple[int, int, int, int, int, in
         return cfg
     if interpret:
         return 16, 16, 1, 1, 16, 1, 1
-    if head_dim <= 32:
-        return 64, 64, 4, 2, 64, 4, 1
     if head_dim <= 64:
+        return 64, 64, 4, 2, 64, 4, 1
+    if long:
         return 64, 64, 4, 2, 64, 8, 1
-    return 64, 64, 8, 2, 64, 8, 1
+    return 64, 32, 4, 2, 32, 4, 1
 
 
 def _window_bounds(causal: bool, window) -> Tuple[int, int, bool]:
@@ -327,7 +335,7 @@ def _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse, blocks=
     lse = torch.empty((hq, t), dtype=torch.float32, device=q.device) if store_lse else o
     if t == 0 or n == 0:
         return o, lse
-    bm, bn, warps, stages, *_ = blocks or _config(d, interpreter_on())
+    bm, bn, warps, stages, *_ = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
     grid = (_n_programs(t, n, max_seqlen, bm), hq)
     _fwd_kernel[grid](
         q, k, v, o, lse, cu,
@@ -350,7 +358,7 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks
     dv = torch.empty_like(v)
     if t == 0 or n == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    *_, block, warps, stages = blocks or _config(d, interpreter_on())
+    *_, block, warps, stages = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
     common = dict(
         GROUP=hq // hk, MASKED=masked, HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK=block,
         BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,

@@ -2,6 +2,8 @@
 
     python tests/gpu/attention_bench.py            # the table below, ~30 s on an H200 (mostly Triton compiles)
     python tests/gpu/attention_bench.py --sweep    # also alternative launch configs for the short-text shapes
+    python tests/gpu/attention_bench.py --kernel-only --sweep   # GPU time of the Triton kernels alone
+                                                   # (10 calls per CUDA graph, replayed: no launch/autograd cost)
 
 For each shape: forward and forward+backward time (CUDA events, median of ``--iters`` = 50 after warm-up)
 of ``attention='triton'`` and of ``attention='auto'`` as it resolves today (FASTST_TRITON_ATTENTION unset:
@@ -68,10 +70,13 @@ SHAPES = [
 
 # Extra launch configs for --sweep: (bm, bn, fwd_warps, fwd_stages, bwd_block, bwd_warps, bwd_stages).
 SWEEP = {
-    32: [(64, 64, 4, 2, 64, 8, 1), (128, 64, 4, 2, 64, 4, 1), (64, 64, 4, 1, 32, 4, 1), (32, 32, 4, 1, 32, 4, 1)],
+    32: [(64, 64, 4, 2, 64, 8, 1), (128, 64, 4, 2, 64, 4, 1), (64, 64, 4, 1, 32, 4, 1), (32, 32, 4, 1, 32, 4, 1),
+         (64, 64, 4, 2, 64, 4, 2), (64, 64, 4, 2, 64, 2, 1), (64, 64, 4, 2, 32, 2, 1)],
     64: [(64, 64, 4, 2, 64, 4, 1), (128, 64, 8, 2, 64, 8, 1), (64, 32, 4, 2, 32, 4, 1), (32, 32, 4, 1, 32, 4, 1),
-         (64, 64, 4, 1, 128, 8, 1)],
-    128: [(64, 64, 4, 2, 64, 8, 1), (64, 64, 8, 2, 32, 8, 1), (64, 32, 4, 2, 32, 4, 1), (128, 64, 8, 2, 64, 8, 1)],
+         (64, 64, 4, 1, 128, 8, 1), (64, 64, 4, 2, 64, 4, 2), (64, 64, 4, 2, 64, 8, 2), (64, 64, 4, 2, 32, 2, 1),
+         (64, 64, 4, 3, 32, 4, 2), (128, 128, 8, 2, 64, 4, 1)],
+    128: [(64, 64, 4, 2, 64, 8, 1), (64, 64, 8, 2, 32, 8, 1), (64, 32, 4, 2, 32, 4, 1), (128, 64, 8, 2, 64, 8, 1),
+          (64, 64, 8, 2, 32, 4, 1), (64, 64, 8, 2, 64, 8, 2), (64, 64, 8, 2, 32, 4, 2)],
 }
 
 
@@ -149,11 +154,47 @@ def run_shape(name, lengths, hq, hk, d, causal, window, iters, sweep, lines):
             continue
         label = backend if blocks is None else f"triton {blocks}"
         if backend == "triton" and blocks is None:
-            label = f"triton {VA._config(d, False)}"
+            label = f"triton {VA._config(d, False, ms > VA.LONG_SEQLEN)}"
         rows.append(f"| {name} | {label} | {t_f * 1000:.1f} | {t_fb * 1000:.1f} | {err:.2e} |")
     lines.extend(rows)
     for r in rows:
         print(r, flush=True)
+
+
+def kernel_only(name, lengths, hq, hk, d, causal, window, configs, lines, reps=20, calls=10):
+    """Triton forward and backward kernels without autograd or launch overhead: ``calls`` launches
+    captured in one CUDA graph, replayed ``reps`` times; µs per call (what a graphed training step pays)."""
+    q, k, v, do, cu = make_inputs(lengths, hq, hk, d)
+    ms, scale = max(lengths), d ** -0.5
+    left, right, masked = VA._window_bounds(causal, window)
+    for cfg in configs:
+        try:
+            o, lse = VA._fwd(q, k, v, cu, ms, scale, left, right, masked, True, blocks=cfg)
+            VA._bwd(do, q, k, v, o, lse, cu, ms, scale, left, right, masked, blocks=cfg)
+            torch.cuda.synchronize()
+            res = []
+            for fn in (lambda: VA._fwd(q, k, v, cu, ms, scale, left, right, masked, True, blocks=cfg),
+                       lambda: VA._bwd(do, q, k, v, o, lse, cu, ms, scale, left, right, masked, blocks=cfg)):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    for _ in range(calls):
+                        fn()
+                g.replay()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(reps):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    g.replay()
+                    e.record()
+                    torch.cuda.synchronize()
+                    times.append(s.elapsed_time(e) * 1000 / calls)
+                res.append(statistics.median(times))
+            row = f"| {name} | kernels {cfg} | {res[0]:.1f} | {res[0] + res[1]:.1f} (bwd {res[1]:.1f}) | graphed |"
+        except Exception as exc:
+            row = f"| {name} | kernels {cfg} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} | | |"
+        print(row, flush=True)
+        lines.append(row)
 
 
 def main():
@@ -161,6 +202,7 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--sweep", action="store_true", help="also time alternative Triton launch configs")
     ap.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    ap.add_argument("--kernel-only", action="store_true", help="GPU time of the Triton kernels alone (CUDA-graph replay)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter (checks the script)")
     args = ap.parse_args()
     shapes = SHAPES
@@ -182,7 +224,11 @@ def main():
     for name, lengths, hq, hk, d, causal, window in shapes:
         if args.only and not any(s.strip() and s.strip() in name for s in args.only.split(",")):
             continue
-        run_shape(name, lengths, hq, hk, d, causal, window, args.iters, args.sweep, lines)
+        if args.kernel_only:
+            configs = [VA._config(d, False, max(lengths) > VA.LONG_SEQLEN)] + (SWEEP.get(d, []) if args.sweep else [])
+            kernel_only(name, lengths, hq, hk, d, causal, window, configs, lines)
+        else:
+            run_shape(name, lengths, hq, hk, d, causal, window, args.iters, args.sweep, lines)
     sl, ll = short_lengths(), long_lengths()
     lines += ["", f"short texts: {len(sl)}, mean {sum(sl) / len(sl):.1f}, max {max(sl)}, tokens {sum(sl)}; "
               f"long: {len(ll)}, mean {sum(ll) / len(ll):.0f}, max {max(ll)}, tokens {sum(ll)}",
