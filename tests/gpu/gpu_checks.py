@@ -68,41 +68,59 @@ def parity(key, dtype=torch.bfloat16):
     qs, ds = _texts(32)
     texts = qs + ds
 
-    def run():
-        m.zero_grad(set_to_none=True)
-        feats = m.preprocess(texts)
+    def run(model=m):
+        model.zero_grad(set_to_none=True)
+        feats = model.preprocess(texts)
         feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
-        out = m(feats)["sentence_embedding"]
+        out = model(feats)["sentence_embedding"]
         w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=out.dtype)
         (out.float() * w).sum().backward()
-        return out.detach().float(), _grads(m)
+        return out.detach().float(), _grads(model)
 
     ref, gref = run()
+    # An fp32 copy of the same weights, run stock: the yardstick for how far bf16 itself moves the
+    # gradients (stock bf16 vs fp32), so that a bf16-vs-bf16 gap can be told from a real error.
+    import copy
+
+    m32 = copy.deepcopy(m).float()
+    ref32, gref32 = run(m32)
+    del m32
+    stock_vs_fp32 = _rel_errs(gref, gref32)
     fastst_plugin.enable_fast(m)
     for variant in ("graphs", "graphs-replay", "eager"):
         if variant == "eager":
             fastst_plugin.enable_fast(m, cuda_graphs=False)
         out, g = run()
-        _compare(key, dtype, variant, m, ref, gref, out, g)
+        _compare(key, dtype, variant, m, ref, gref, out, g, gref32=gref32, stock_vs_fp32=stock_vs_fp32)
     del m, built
     _empty()
 
 
-def _compare(key, dtype, variant, m, ref, gref, out, g):
+def _rel_errs(g, gref):
+    """Sorted (relative error, name) per parameter gradient. Attention key biases get a mathematically
+    zero gradient (softmax is shift-invariant): skipped."""
+    return sorted((((g[n] - gref[n]).norm() / (gref[n].norm() + 1e-20)).item(), n) for n in gref
+                  if not (n.endswith("key.bias") or n.endswith("k_proj.bias")))
+
+
+def _compare(key, dtype, variant, m, ref, gref, out, g, gref32=None, stock_vs_fp32=None):
     import fastst_plugin
 
     cos = torch.nn.functional.cosine_similarity(ref, out).min().item()
-    # Attention key biases get a mathematically zero gradient (softmax is shift-invariant): skip them.
-    named = sorted((((g[n] - gref[n]).norm() / (gref[n].norm() + 1e-20)).item(), n) for n in gref
-                   if not (n.endswith("key.bias") or n.endswith("k_proj.bias")))
+    named = _rel_errs(g, gref)
     errs = [e for e, _ in named]
+    extra = {}
+    if gref32 is not None:
+        fast_vs_fp32 = _rel_errs(g, gref32)
+        extra = {"grad_rel_err_vs_fp32_max": fast_vs_fp32[-1][0], "stock_bf16_grad_rel_err_vs_fp32_max": stock_vs_fp32[-1][0],
+                 "worst_vs_fp32": fast_vs_fp32[-2:], "stock_worst_vs_fp32": stock_vs_fp32[-2:]}
     enc = fastst_plugin.api.get_state(m).encoder
     graphed = enc.graphed
     _emit({"check": "parity", "variant": variant, "model": key, "dtype": str(dtype), "cos_min": cos, "grad_rel_err_max": errs[-1],
            "grad_rel_err_median": errs[len(errs) // 2], "n_grads": len(errs), "worst": named[-3:],
            "graphs_captured": len(graphed.graphs) if graphed else 0,
            "graphs_disabled": graphed.disabled_reason if graphed else None,
-           "backend": fastst_plugin.api.get_state(m).backend})
+           "backend": fastst_plugin.api.get_state(m).backend, **extra})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--max-seq-length", default="256")
     ap.add_argument("--batch-size", default="64")
     ap.add_argument("--extra", default="", help="more `fastst bench train` arguments, e.g. '--loss cached-mnrl --mini-batch-size 64'")
+    ap.add_argument("--stacks", action="store_true", help="also a kernel table grouped by Python stack (run with FASTST_CUDA_GRAPHS=0: graph replays hide the stacks)")
     ap.add_argument("--tag", default="", help="suffix of the output file name")
     args = ap.parse_args()
 
@@ -87,6 +88,13 @@ def main() -> None:
             train_step(run)
         _sync()
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=out)
+    if args.stacks:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as p:
+            for _ in range(3):
+                train_step(run)
+            _sync()
+        print(p.key_averages(group_by_stack_n=6).table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60), file=out)
+        print(p.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=50), file=out)
     text = out.getvalue()
     print(text)
     d = os.environ.get("OUT", ".")
