@@ -107,6 +107,25 @@ def _selective_policy(save_attention: bool, ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def selective_active() -> bool:
+    """True inside a region run under the selective policy (its forward or its recompute).
+
+    Selective checkpointing cannot store the output of an in-place op (the op's version bump lands
+    after the caching dispatch mode has recorded the tensor, so the cache entry always reads as
+    mutated): code that would accumulate in place asks this and stays out of place here."""
+    return getattr(_hint, "selective", 0) > 0
+
+
+@contextlib.contextmanager
+def _selective_region(ctx):
+    _hint.selective = getattr(_hint, "selective", 0) + 1
+    try:
+        with ctx:
+            yield
+    finally:
+        _hint.selective -= 1
+
+
 def selective_context_fn(save_attention: bool):
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint`` implementing the "selective" mode."""
     from functools import partial
@@ -114,7 +133,12 @@ def selective_context_fn(save_attention: bool):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     policy = partial(_selective_policy, save_attention)
-    return lambda: create_selective_checkpoint_contexts(policy)
+
+    def contexts():
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+        return _selective_region(forward_ctx), _selective_region(recompute_ctx)
+
+    return contexts
 
 
 # -------------------------------------------------------------------------------------------------
