@@ -42,7 +42,9 @@ from .log import warn_once
 from .packing import HostPack, PackedBatch
 
 
-NO_GRAD_CAPTURE_AFTER = 3
+# An inference bucket is captured on its second sighting: encode's budget batches fall into a few
+# buckets that recur within one call, while one-off sizes (a call's last, short batch) stay eager.
+NO_GRAD_CAPTURE_AFTER = 2
 # Past this many tokens a step is GPU-bound (launch overhead is a few percent), while each captured
 # bucket keeps its activations reserved in the graph pool: long documents run eagerly.
 GRAPH_MAX_TOKENS = 32768

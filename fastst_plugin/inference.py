@@ -272,7 +272,20 @@ def _pieces(n: int, pool) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _tokenizer_parallel() -> bool:
+    """Whether the Rust tokenizer spreads one batch call over its own thread pool: on unless
+    ``TOKENIZERS_PARALLELISM`` says otherwise (the library itself sets it to false in a process
+    forked after it had used the pool, e.g. a DataLoader worker)."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is None or value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def _fanout_threads() -> int:
+    """Threads to split a chunk's direct tokenization over: one when the tokenizer's own pool is on
+    (measured on an H200 host, 6,000 documents: 96 ms in one call; 8 threads on top of the pool
+    added nothing and once took 445 ms), else up to ``FANOUT_THREADS``."""
+    if _tokenizer_parallel():
+        return 1
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux

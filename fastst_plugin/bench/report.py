@@ -106,6 +106,11 @@ def markdown_table(records: list[dict]) -> str:
             msg = f"{r['model']} L={r['max_seq_len']} {r['contender']}: {n}"
             if msg not in notes:
                 notes.append(msg)
+    cold: dict = {}
+    for r in rows:  # encode: the first, untimed whole-corpus pass (graph capture and other one-offs)
+        if r.get("status") == "ok" and r.get("first_pass_ms") is not None:
+            cold.setdefault((r["model"], r["max_seq_len"]), []).append(f"{r['contender']} {r['first_pass_ms']:.0f}")
+    notes += [f"{m} L={length}: first (untimed, cold) pass ms: {', '.join(v)}" for (m, length), v in cold.items()]
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]

@@ -40,6 +40,58 @@ def _timed(fn, reps=3):
     return statistics.median(out) * 1e3
 
 
+def _timeline(model, docs, kw) -> str:
+    """One fastst encode call as a timeline (ms from the call's start): the tokenizer worker's
+    chunks, the main thread's batches (host launch span) and when the GPU finished each batch
+    (CUDA events), and where stock's replay begins. Tells host-bound from GPU-bound per phase."""
+    from fastst_plugin import inference
+
+    t0 = [0.0]
+    rows = []
+    now = lambda: (time.perf_counter() - t0[0]) * 1e3  # noqa: E731
+    orig_chunk, orig_runner, orig_replay = inference._direct_chunk, inference._encode_packed, inference._replaying
+    events = []
+
+    def chunk(*a, **k):
+        s = now()
+        r = orig_chunk(*a, **k)
+        rows.append(("tokenize+pack chunk", s, now(), f"{len(a[1])} texts, {len(r)} batches"))
+        return r
+
+    def runner(encoder, hp):
+        s = now()
+        r = orig_runner(encoder, hp)
+        ev = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
+        if ev is not None:
+            ev.record()
+        events.append(ev)
+        rows.append(("batch launch", s, now(), f"{int(hp.cu_seqlens[-1])} tok, {hp.num_seqs} seqs"))
+        return r
+
+    def replaying(rep):
+        rows.append(("stock replay starts", now(), now(), ""))
+        return orig_replay(rep)
+
+    inference._direct_chunk, inference._encode_packed, inference._replaying = chunk, runner, replaying
+    try:
+        _sync()
+        start = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
+        t0[0] = time.perf_counter()
+        if start is not None:
+            start.record()
+        model.encode(docs, **kw)
+        _sync()
+        total = now()
+    finally:
+        inference._direct_chunk, inference._encode_packed, inference._replaying = orig_chunk, orig_runner, orig_replay
+    lines = [f"timeline of one fastst encode call: {total:.0f} ms"]
+    gpu_done = iter([start.elapsed_time(e) if (start is not None and e is not None) else float("nan") for e in events])
+    for name, a, b, what in sorted(rows, key=lambda r: r[1]):
+        extra = f", GPU done at {next(gpu_done):.1f}" if name == "batch launch" else ""
+        lines.append(f"  {a:8.1f} -> {b:8.1f}  {name}: {what}{extra}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="minilm,bert-base")
@@ -77,13 +129,14 @@ def main() -> None:
         print(f"{key}: stock preprocess of 2048 docs: {1e3 * (time.perf_counter() - t0):.0f} ms", file=out)
         kw = dict(batch_size=args.batch_size, show_progress_bar=False)
         model.encode(docs[:1000], **kw)
-        stock_ms = _timed(lambda: model.encode(docs, **kw), reps=2)
+        stock_ms = _timed(lambda: model.encode(docs, **kw), reps=2) if os.environ.get("PROFILE_STOCK", "1") == "1" else float("nan")
         enable_fast(model)
         model.encode(docs, **kw)
         fast_ms = _timed(lambda: model.encode(docs, **kw))
         fast_t_ms = _timed(lambda: model.encode(docs, convert_to_tensor=True, **kw))
         print(f"{key}: stock {stock_ms:.0f} ms, fastst {fast_ms:.0f} ms (numpy out), {fast_t_ms:.0f} ms (tensor out): "
               f"{stock_ms / fast_ms:.2f}x", file=out)
+        print(_timeline(model, docs, kw), file=out)
         prof = cProfile.Profile()
         _sync()
         prof.enable()
