@@ -39,7 +39,7 @@ import weakref
 import torch
 
 from .log import warn_once
-from .packing import HostPack, PackedBatch
+from .packing import HostPack, PackedBatch, host_to_device
 
 
 # An inference bucket is captured on its second sighting: encode's budget batches fall into a few
@@ -169,15 +169,23 @@ class _StaticBatch:
         for j, length in enumerate(dummy_lengths):
             seq[offset : offset + length] = n + j
             offset += length
-        self.input_ids.copy_(ids, non_blocking=True)
-        self.position_ids.copy_(pos, non_blocking=True)
-        self.cu_seqlens.copy_(cu, non_blocking=True)
-        self.pad_index.copy_(seq * cap + pos, non_blocking=True)
+        # One pinned staging tensor, one queued host-to-device copy (a pageable copy would make the
+        # host wait for the GPU, see packing.host_to_device), then device-side copies into the
+        # static inputs.
+        rows = [ids, pos, seq * cap + pos, cu.to(torch.long)]
         if self.token_type_ids is not None:
             tt = torch.zeros(self.t_b, dtype=torch.long)
             if hp.token_type_ids is not None:
                 tt[:t] = hp.token_type_ids
-            self.token_type_ids.copy_(tt, non_blocking=True)
+            rows.append(tt)
+        staged = host_to_device(torch.cat(rows), self.input_ids.device)
+        parts = staged.split([r.numel() for r in rows])
+        self.input_ids.copy_(parts[0])
+        self.position_ids.copy_(parts[1])
+        self.pad_index.copy_(parts[2])
+        self.cu_seqlens.copy_(parts[3])
+        if self.token_type_ids is not None:
+            self.token_type_ids.copy_(parts[4])
 
     def fits(self, hp: HostPack) -> bool:
         t = int(hp.cu_seqlens[-1])

@@ -50,9 +50,26 @@ class HostPack:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=True)
+                value = host_to_device(value, device)
             moved[f.name] = value
         return PackedBatch(**moved)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t.to(device)`` that never makes the host wait for the GPU.
+
+    A copy from pageable host memory is synchronous: CUDA first waits for all work queued on the
+    stream, so the host could not prepare batch k+1 while the GPU ran batch k (measured on an H200,
+    bert-base encode: every batch's launch took as long as the previous batch's GPU time, ~8 ms).
+    From pinned memory the copy is queued and the host runs ahead. Pinning a small tensor is a host
+    memcpy into a block of torch's caching pinned allocator, which also keeps that block from being
+    reused until the queued copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
 
 
 @dataclass
