@@ -53,6 +53,9 @@ MAX_BATCH_TOKENS = 16384
 # tokenizer's thread pool has work to spread.
 FIRST_CHUNK = 256
 CHUNK = 2048
+# The sample check skips texts longer than this many characters per token of max_seq_length (see
+# ``_sample_rows``): 64 characters per token is far past any tokenizer's truncation point.
+SAMPLE_CHARS_PER_TOKEN = 64
 # Calls with at most this many distinct inputs are tokenized by stock preprocess in one piece (the
 # sample checked below would be most of them anyway): no worker thread for a handful of queries.
 SMALL_CALL = 64
@@ -60,8 +63,13 @@ SMALL_CALL = 64
 # MIN_PIECE texts (the Rust tokenizer runs them concurrently: it releases the GIL).
 FANOUT_THREADS = 8
 MIN_PIECE = 64
-# Packed batches up to this many tokens go through the CUDA-graph path (see ``_encode_packed``).
+# Packed batches up to this many tokens go through the CUDA-graph path (see ``_encode_packed``)...
 GRAPH_MAX_TOKENS = MAX_BATCH_TOKENS
+# ... unless tokens x matrix parameters exceed this: ~8 TFLOP of matmuls, ~10-15 ms on an H100/H200,
+# where the eager launches (a few ms of host time, queued ahead through pinned copies) hide behind
+# the GPU and capturing would only add three warm-up forwards per bucket. Measured on an H200 with
+# Qwen3-Embedding-4B (6e13 per 16k-token batch): graphed encode ran at 0.90x the flattened stock.
+GRAPH_MAX_WORK = 4e12
 
 # Inputs per batch when stock's method replays the precomputed rows (see ``fast_call``).
 REPLAY_BATCH = 16384
@@ -299,7 +307,7 @@ def _fanout_threads() -> int:
 class _Flat:
     """Token ids of many texts, concatenated (numpy), with the per-text lengths and offsets."""
 
-    def __init__(self, encodings, with_token_types: bool):
+    def __init__(self, encodings, with_token_types: bool, single_texts: bool = False):
         ids = [e.ids for e in encodings]
         self.lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         self.cu = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -307,7 +315,13 @@ class _Flat:
         total = int(self.cu[-1])
         self.ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
         self.tt = None
-        if with_token_types:
+        if with_token_types and single_texts:
+            # A single text's segment ids are all 0 in every tokenizer we know (BERT's template:
+            # "[CLS]:0 $A:0 [SEP]:0"); reading them back from Rust is ~40 % of this conversion. The
+            # per-call sample check compares them with stock's, so a tokenizer that differs gets
+            # stock's tokenization instead.
+            self.tt = np.zeros(total, dtype=np.int64)
+        elif with_token_types:
             self.tt = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encodings), dtype=np.int64, count=total)
 
     def pack(self, a: int, b: int) -> HostPack:
@@ -336,11 +350,15 @@ class _Flat:
 
 def _direct_chunk(tokenize: _DirectTokenizer, items: list, rows: np.ndarray, prompt, with_tt: bool, budget: int, pool=None):
     """Worker thread, direct tokenization: Rust backend -> flat ids -> packed batches."""
-    flat = _Flat(tokenize(items, prompt, pool), with_tt)
+    flat = _Flat(tokenize(items, prompt, pool), with_tt, _all_single(items))
     if len(items) and int(flat.lengths.min()) == 0:
         raise _NotCovered("a text without tokens")
     lengths = torch.from_numpy(flat.lengths)
     return [(torch.from_numpy(rows[a:b].astype(np.int64)), flat.pack(a, b)) for a, b in budget_batches(lengths, budget)]
+
+
+def _all_single(items: list) -> bool:
+    return all(isinstance(x, str) for x in items)
 
 
 def _same_tokens(a: HostPack, b: HostPack, with_tt: bool) -> bool:
@@ -411,7 +429,8 @@ def fast_call(
     batch_size = int(params.get("batch_size", 32) or 32)
     budget = token_budget(max(batch_size, 1), _max_len(transformer, state))
     try:
-        table = _compute(model, transformer, unique, prompt, extra, budget, run_batch, check_hp, to_cpu(bound))
+        max_len = _max_len(transformer, state)
+        table = _compute(model, transformer, unique, prompt, extra, budget, max_len, run_batch, check_hp, to_cpu(bound))
     except _NotCovered:
         return stock(*bound.args, **bound.kwargs)
     if "batch_size" in bound.arguments:
@@ -441,7 +460,24 @@ def _length_order(model, unique: list) -> np.ndarray:
     return np.argsort(np.array([-length(x) for x in unique], dtype=np.int64), kind="stable")
 
 
-def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int, run_batch, check_hp, to_cpu: bool) -> torch.Tensor:
+def _sample_rows(model, unique: list, order: np.ndarray, max_len: int) -> list:
+    """The inputs the direct tokenization is checked on: the four longest (they truncate) and the
+    four shortest. "Longest" skips texts over ``SAMPLE_CHARS_PER_TOKEN * max_len`` characters: they
+    truncate like any text over the limit, but tokenizing one costs its full length (the Debian
+    corpus has an 80,000-character description: ~45 ms of stock preprocess on an H200 host, paid
+    before the first batch can start)."""
+    length = getattr(model, "_input_length", None) or (lambda x: len(x) if isinstance(x, str) else sum(map(len, x)))
+    cap = SAMPLE_CHARS_PER_TOKEN * max_len
+    long_rows = []
+    for i in order.tolist():
+        if length(unique[i]) <= cap:
+            long_rows.append(i)
+            if len(long_rows) == 4:
+                break
+    return list(dict.fromkeys([*long_rows, *order[-4:].tolist()]))
+
+
+def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int, max_len: int, run_batch, check_hp, to_cpu: bool) -> torch.Tensor:
     stock_preprocess = type(model).preprocess.__get__(model)
     order = _length_order(model, unique)
 
@@ -449,7 +485,7 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
     # padding side), and the reference the direct tokenization must reproduce. A small call is all
     # sample: its stock features are the whole tokenization (no thread, no second pass).
     small = len(order) <= SMALL_CALL
-    sample_rows = order.tolist() if small else list(dict.fromkeys([*order[:4].tolist(), *order[-4:].tolist()]))
+    sample_rows = order.tolist() if small else _sample_rows(model, unique, order, max_len)
     sample = [unique[i] for i in sample_rows]
     features = stock_preprocess(sample, prompt=prompt, **kwargs)
     sample_hp = _check_features(features)
@@ -462,7 +498,7 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
     tokenize = _DirectTokenizer.for_call(transformer, kwargs)
     if tokenize is not None:
         try:
-            direct = _Flat(tokenize(sample, prompt), with_tt).pack(0, len(sample))
+            direct = _Flat(tokenize(sample, prompt), with_tt, _all_single(sample)).pack(0, len(sample))
             if not _same_tokens(direct, sample_hp, with_tt):
                 tokenize = None
         except Exception:  # any surprise in the backend call: stock tokenization
@@ -579,10 +615,21 @@ def _encode_packed(encoder, hp: HostPack):
     one text), and a no-gradient graph keeps only its output and one layer's transients in its
     pool, so the capture (three forwards per bucket, once per model) pays back within a call."""
     device = next(iter(encoder.base.parameters())).device
-    if int(hp.cu_seqlens[-1]) <= GRAPH_MAX_TOKENS:
+    tokens = int(hp.cu_seqlens[-1])
+    if tokens <= GRAPH_MAX_TOKENS and tokens * _matmul_params(encoder) <= GRAPH_MAX_WORK:
         return encoder.run_host(hp, device)
     p = hp.to(device)
     return encoder.forward_eager(p), p
+
+
+def _matmul_params(encoder) -> int:
+    """Parameters the encoder multiplies each token by (matrices, less the embedding tables)."""
+    n = getattr(encoder, "_fastst_matmul_params", None)
+    if n is None:
+        tables = {id(m.weight) for m in encoder.base.modules() if isinstance(m, torch.nn.Embedding)}
+        n = sum(p.numel() for p in encoder.base.parameters() if p.dim() == 2 and id(p) not in tables)
+        encoder._fastst_matmul_params = n
+    return n
 
 
 def embedding_runner(encoder, followers: list) -> Callable:

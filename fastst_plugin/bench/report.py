@@ -109,8 +109,8 @@ def markdown_table(records: list[dict]) -> str:
     cold: dict = {}
     for r in rows:  # encode: the first, untimed whole-corpus pass (graph capture and other one-offs)
         if r.get("status") == "ok" and r.get("first_pass_ms") is not None:
-            cold.setdefault((r["model"], r["max_seq_len"]), []).append(f"{r['contender']} {r['first_pass_ms']:.0f}")
-    notes += [f"{m} L={length}: first (untimed, cold) pass ms: {', '.join(v)}" for (m, length), v in cold.items()]
+            cold.setdefault((r["model"], r["max_seq_len"], r.get("mode")), []).append(f"{r['contender']} {r['first_pass_ms']:.0f}")
+    notes += [f"{m} L={length} {mode}: first (untimed, cold) pass ms: {', '.join(v)}" for (m, length, mode), v in cold.items()]
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
