@@ -109,7 +109,7 @@ def markdown_table(records: list[dict]) -> str:
     cold: dict = {}
     for r in rows:  # encode: the first, untimed whole-corpus pass (graph capture and other one-offs)
         if r.get("status") == "ok" and r.get("first_pass_ms") is not None:
-            cold.setdefault((r["model"], r["max_seq_len"], r.get("mode")), []).append(f"{r['contender']} {r['first_pass_ms']:.0f}")
+            cold.setdefault((r["model"], r["max_seq_len"], _fmt("mode", r)), []).append(f"{r['contender']} {r['first_pass_ms']:.0f}")
     notes += [f"{m} L={length} {mode}: first (untimed, cold) pass ms: {', '.join(v)}" for (m, length, mode), v in cold.items()]
     if notes:
         lines.append("")

@@ -1,5 +1,6 @@
-"""bf16 parity on the GPU for the real configurations (cosine >= 0.999, gradient relative error <= 2e-2),
-through CUDA graphs, their replay, and the eager packed path. Skipped without CUDA.
+"""bf16 parity on the GPU for the real configurations (cosine >= 0.999, gradient relative error <= 2e-2, or
+no further from an fp32 copy than stock bf16 is), through CUDA graphs, their replay, and the eager packed
+path. Skipped without CUDA.
 
 The checks run in a child process with ``TRITON_INTERPRET=0``: ``tests/conftest.py`` turns Triton's CPU
 interpreter on for the kernel tests, and a GPU check run under the interpreter would test nothing real
@@ -35,4 +36,8 @@ def test_bf16_parity(key, tmp_path):
     for row in rows:
         assert "error" not in row, row
         assert row["cos_min"] >= 0.999, row
-        assert row["grad_rel_err_max"] <= 2e-2, row
+        # Gradients: within 2e-2 of stock bf16, or, where stock bf16 itself is further than that
+        # from fp32 (EmbeddingGemma / Qwen3 q/k-norm weights: 0.047 / 0.043 measured on an H200),
+        # no further from an fp32 copy of the model than stock's own bf16 gradients are (10 % slack).
+        fp32_bound = 1.1 * row.get("stock_bf16_grad_rel_err_vs_fp32_max", 0.0)
+        assert row["grad_rel_err_max"] <= 2e-2 or row.get("grad_rel_err_vs_fp32_max", 1.0) <= fp32_bound, row
