@@ -286,6 +286,50 @@ def test_budget_batches():
     assert inference.token_budget(1, 512) == 512
 
 
+def test_sample_check_skips_extreme_outliers_only(tmp_path, monkeypatch):
+    """The per-call tokenization check takes the longest texts that still truncate, never a text
+    far past any truncation point (tokenizing it costs its whole length), and the shortest ones."""
+    model = save_tiny(tmp_path, "bert")
+    monkeypatch.setattr(inference, "SAMPLE_CHARS_PER_TOKEN", 4)
+    texts = ["x" * 10_000, "word " * 40, "word " * 30, "word " * 20, "word " * 10, "a b", "a", "b c d"]
+    order = inference._length_order(model, texts)
+    rows = inference._sample_rows(model, texts, order, max_len=64)  # cap: 256 characters
+    assert 0 not in rows  # the 10,000-character outlier
+    assert rows[:4] == [1, 2, 3, 4]  # the longest below the cap (200 characters: past 64 tokens)
+    assert set(rows) == {1, 2, 3, 4, 5, 6, 7}  # and the four shortest
+
+
+def test_tokenizer_fanout_only_without_the_tokenizers_pool(monkeypatch):
+    for value, parallel in ((None, True), ("true", True), ("1", True), ("false", False), ("0", False), ("", False)):
+        if value is None:
+            monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        else:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+        assert inference._tokenizer_parallel() is parallel
+        if parallel:
+            assert inference._fanout_threads() == 1
+
+
+def test_big_batches_skip_graphs(tmp_path):
+    """Tokens x matrix parameters past GRAPH_MAX_WORK run eagerly (GPU-bound; capture only costs).
+    The count leaves the embedding tables out (a lookup, not a product)."""
+    model = save_tiny(tmp_path, "bert")
+    fastst_plugin.enable_fast(model, kernels="torch")
+    encoder = get_state(model).encoder
+    n = inference._matmul_params(encoder)
+    embeddings = sum(m.weight.numel() for m in encoder.base.modules() if isinstance(m, torch.nn.Embedding))
+    matrices = sum(p.numel() for p in encoder.base.parameters() if p.dim() == 2)
+    assert 0 < n == matrices - embeddings
+
+
+def test_host_to_device_on_the_cpu_is_a_plain_copy():
+    from fastst_plugin.packing import host_to_device
+
+    t = torch.arange(5)
+    out = host_to_device(t, "cpu")
+    assert torch.equal(out, t) and out.device.type == "cpu"
+
+
 def test_minilm_ranking_is_identical(minilm_path, fast_calls):
     """The real all-MiniLM-L6-v2 ranks Debian test documents exactly as stock (top 10 per query).
     64 of the 500 test pairs keep this CPU test short; tests/gpu/encode_checks.py ranks all 500."""
