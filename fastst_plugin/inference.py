@@ -119,9 +119,7 @@ def replay_forward(features) -> dict | None:
     rows = features.get(REPLAY_KEY) if isinstance(features, dict) else None
     if rep is None or rows is None:
         return None
-    idx = torch.tensor(rows, dtype=torch.long)
-    if rep.table.device.type != "cpu":
-        idx = host_to_device(idx, rep.table.device)
+    idx = host_to_device(torch.tensor(rows, dtype=torch.long), rep.table.device)
     features[rep.output_name] = rep.table.index_select(0, idx)
     return features
 
@@ -429,9 +427,9 @@ def fast_call(
     if prompt is None:  # (stock warns when both are given; resolving only the name keeps that single)
         prompt = model._resolve_prompt(None, params.get("prompt_name"))
     batch_size = int(params.get("batch_size", 32) or 32)
-    budget = token_budget(max(batch_size, 1), _max_len(transformer, state))
+    max_len = _max_len(transformer, state)
+    budget = token_budget(max(batch_size, 1), max_len)
     try:
-        max_len = _max_len(transformer, state)
         table = _compute(model, transformer, unique, prompt, extra, budget, max_len, run_batch, check_hp, to_cpu(bound))
     except _NotCovered:
         return stock(*bound.args, **bound.kwargs)
@@ -454,11 +452,17 @@ def _max_len(transformer, state) -> int:
     return int(limit)
 
 
-def _length_order(model, unique: list) -> np.ndarray:
-    """Longest first, by stock's own length estimate (characters) where it has one."""
+def _input_length(model) -> Callable:
+    """Stock's own length estimate of an input (characters), or the same computed here."""
     length = getattr(model, "_input_length", None)
     if length is None:  # pragma: no cover - an ST without it
         length = lambda x: len(x) if isinstance(x, str) else sum(map(len, x))  # noqa: E731
+    return length
+
+
+def _length_order(model, unique: list) -> np.ndarray:
+    """Longest first, by stock's own length estimate."""
+    length = _input_length(model)
     return np.argsort(np.array([-length(x) for x in unique], dtype=np.int64), kind="stable")
 
 
@@ -468,7 +472,7 @@ def _sample_rows(model, unique: list, order: np.ndarray, max_len: int) -> list:
     truncate like any text over the limit, but tokenizing one costs its full length (the Debian
     corpus has an 80,000-character description: ~45 ms of stock preprocess on an H200 host, paid
     before the first batch can start)."""
-    length = getattr(model, "_input_length", None) or (lambda x: len(x) if isinstance(x, str) else sum(map(len, x)))
+    length = _input_length(model)
     cap = SAMPLE_CHARS_PER_TOKEN * max_len
     long_rows = []
     for i in order.tolist():
@@ -572,7 +576,7 @@ def _run_batches(model, n_rows: int, batch_lists, run_batch, prompt_length, to_c
                 if on_device:
                     if table is None:
                         table = out.new_empty((n_rows,) + tuple(out.shape[1:]))
-                    table.index_copy_(0, host_to_device(rows, device) if device.type != "cpu" else rows, out)
+                    table.index_copy_(0, host_to_device(rows, device), out)
                 else:
                     outs.append(out)
                     row_parts.append(rows)

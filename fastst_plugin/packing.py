@@ -64,11 +64,8 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     From pinned memory the copy is queued and the host runs ahead. Pinning a small tensor is a host
     memcpy into a block of torch's caching pinned allocator, which also keeps that block from being
     reused until the queued copy has run."""
-    device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        if not t.is_pinned():
-            t = t.pin_memory()
-        return t.to(device, non_blocking=True)
+    if torch.device(device).type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
     return t.to(device, non_blocking=True)
 
 
