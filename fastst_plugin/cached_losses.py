@@ -24,10 +24,14 @@ carry a host pack (they come from a fast model's ``preprocess``):
 * the packed encoder does not checkpoint inside the replay (it runs inside a backward pass with one
   mini-batch's activations alive at a time; checkpointing would compute each mini-batch a third
   time): see ``PackedEncoder.checkpoint_mode``;
-* the first mini-batch of a step is embedded with gradients in the first pass and its graph kept:
-  the replay reaches it first and only runs its backward (one forward fewer per step). Its
-  activations then live through the rest of the first pass, where the other mini-batches run
-  without gradients (a small transient each): the peak stays that of one with-gradient
+* with CUDA graphs, the first pass also captures each mini-batch's with-gradient bucket
+  (``GraphedEncoder.prepare``): the replay runs inside ``backward()``, where nothing may be captured,
+  and replays those graphs instead of launching every kernel again (eagerly, a bert-base mini-batch
+  is host-bound at ~50 us per kernel);
+* without CUDA graphs, the first mini-batch of a step is embedded with gradients in the first pass
+  and its graph kept: the replay reaches it first and only runs its backward (one forward fewer per
+  step). Its activations then live through the rest of the first pass, where the other mini-batches
+  run without gradients (a small transient each): the peak stays that of one with-gradient
   mini-batch, as in the replay. Not under torch.distributed, where DDP expects the replay's
   forward/backward pairs.
 
@@ -214,6 +218,8 @@ def _wrap_embed_minibatch(orig):
             with _graphs_off(_model_state(self)):
                 out = call(with_grad=True)
         else:
+            if copy_random_state and not with_grad:
+                _prepare_replay_graph(self, sentence_feature, begin, end)
             out = call()
         state = out[-1] if isinstance(out, tuple) and out else None
         if copy_random_state and state is not None and hasattr(state, "__dict__"):
@@ -226,12 +232,46 @@ def _wrap_embed_minibatch(orig):
     return embed_minibatch
 
 
+def _graphs_possible(state) -> bool:
+    """Whether the packed encoder may replay CUDA graphs for this loss's model (then every mini-batch
+    of the replay is a cheap graph replay, and keeping the first one's eager graph saves nothing)."""
+    encoder = getattr(state, "encoder", None)
+    if encoder is None or not state.options.cuda_graphs:
+        return False
+    try:
+        return next(encoder.base.parameters()).device.type == "cuda"
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return False
+
+
+def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> None:
+    """Capture, during the first pass, the with-gradient graph the replay of rows ``begin:end`` will
+    want: the replay runs inside ``backward()``, where nothing may be captured (see
+    ``GraphedEncoder.prepare``). Checkpointing is suspended as it is in the replay."""
+    state = _model_state(loss)
+    if not _graphs_possible(state):
+        return
+    from . import checkpointing
+
+    encoder = state.encoder
+    hp = fast_host_pack(sentence_feature)
+    device = sentence_feature["input_ids"].device
+    if encoder.graphed is None:
+        encoder.ensure_graphed()
+    sub, _ = slice_host_pack(hp, begin, end)
+    with checkpointing.suspended():
+        encoder.graphed.prepare(sub, device)
+
+
 def _wrap_forward_cached(orig):
     def forward_cached(self, *args, **kwargs):
         # Keeping a mini-batch's graph from the first pass is for a plain backward() only: under
-        # torch.distributed, DDP expects the replay's forward/backward pairs.
+        # torch.distributed, DDP expects the replay's forward/backward pairs. With CUDA graphs the
+        # replay of every mini-batch is cheap and the kept eager graph would only add memory.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.__dict__["_fastst_keep_first"] = torch.is_grad_enabled() and not distributed
+        self.__dict__["_fastst_keep_first"] = (
+            torch.is_grad_enabled() and not distributed and not _graphs_possible(_model_state(self))
+        )
         try:
             return orig(self, *args, **kwargs)
         finally:

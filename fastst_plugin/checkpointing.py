@@ -24,6 +24,11 @@ when the model is in training mode and gradients are enabled):
     and two or three block inputs, independent of the number of layers. On the CPU it is per-block
     checkpointing without the copies.
 
+On the GPU, "layer" and "selective" steps replay from CUDA graphs like unchecked ones (the
+recompute is captured into the backward graph) when the forward draws no random numbers; with
+dropout active, and always for "offload", they run eagerly (see :mod:`fastst_plugin.graphs`).
+Without random numbers no RNG state is saved for the recompute (nothing to replay).
+
 Whatever the mode, forward values and gradients equal the "off" run: recomputation replays the
 RNG state (dropout), and every kernel is deterministic. ``suspended()`` turns checkpointing off
 for a block of code: the cached (GradCache) losses use it for their with-gradient replay, where

@@ -15,12 +15,19 @@ the next replay would overwrite it, e.g. under gradient accumulation), and a rep
 the eager path runs instead — while an earlier graphed forward still waits for its backward (its
 saved activations live in the shared pool).
 
-Not graphed (eager fallback, same results): CPU, autocast with caching, gradient checkpointing,
-cached (GradCache) losses, inputs without a host pack, texts longer than the
-capture's length cap, batches over ``GRAPH_MAX_TOKENS`` tokens (GPU-bound anyway; measured: 64 pairs
-of 1024-token documents captured a new bucket almost every step and held ~100 GB of graph pools),
-sizes beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one warning, then
-eager for this model).
+Not graphed (eager fallback, same results): CPU, autocast with caching, the "offload" checkpointing
+mode, checkpointing while the forward draws random numbers (dropout: the recompute inside the
+backward graph would draw new ones), inputs without a host pack, texts longer than the capture's
+length cap, batches over ``GRAPH_MAX_TOKENS`` tokens (GPU-bound anyway; measured: 64 pairs of
+1024-token documents captured a new bucket almost every step and held ~100 GB of graph pools), sizes
+beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one warning, then eager
+for this model). "layer" and "selective" checkpointing without dropout are captured like any step
+(the recompute becomes part of the backward graph; the checkpointing mode is part of the bucket key).
+
+Nothing is captured inside a backward pass: the cached (GradCache) losses re-embed each mini-batch
+inside ``loss.backward()``, and a capture there was invalidated on the GPU (2026-11-29: the whole
+model then ran eagerly, CachedMNRL at 1,024 pairs 7x slower than plain MNRL). Their first, no-grad
+pass captures each mini-batch's with-gradient bucket ahead (``prepare``); the replay only replays.
 
 Under torch.distributed (DDP) the packed path runs eagerly. In principle replay is safe there (the
 graphs hold no collective; DDP's all-reduce hooks fire on AccumulateGrad after ``_GraphedStep``'s
@@ -38,7 +45,7 @@ import weakref
 
 import torch
 
-from .log import warn_once
+from .log import logger, warn_once
 from .packing import HostPack, PackedBatch, host_to_device
 
 
@@ -64,6 +71,12 @@ _REGISTRATION_HOOKS: list = []
 
 def _count_registration(*_args):
     _REGISTRATIONS[0] += 1
+
+
+def registrations() -> int:
+    """A counter that moves whenever a module or parameter is registered anywhere (cheap change test)."""
+    _watch_registrations()
+    return _REGISTRATIONS[0]
 
 
 def _watch_registrations() -> None:
@@ -230,8 +243,6 @@ class GraphedEncoder:
             return False
         if torch.is_autocast_enabled("cuda"):
             return False  # autocast's weight cache cannot live across replays
-        if self.encoder.state.options.gradient_checkpointing != "off":
-            return False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return False  # capture under NCCL failed on the GPU: see the module docstring
         if self._pending is not None and self._pending() is not None:
@@ -243,6 +254,69 @@ class GraphedEncoder:
             self.graphs.clear()
             self._signature = signature
         return True
+
+    def _checkpoint_mode(self, grad: bool) -> str | None:
+        """The checkpointing mode a graph with (``grad``) or without gradients would be captured
+        under, or None when it cannot be captured: offloading (side-stream copies, host events) and
+        any checkpointing while the forward draws random numbers (the recompute inside the
+        backward graph would draw new ones; eagerly, checkpoint replays the RNG state)."""
+        if not grad:
+            return "off"
+        mode = self.encoder.checkpoint_mode()
+        if mode == "offload" or (mode != "off" and self.encoder.draws_random_numbers()):
+            return None
+        return mode
+
+    def _key(self, hp: HostPack, grad: bool, mode: str) -> tuple:
+        t = int(hp.cu_seqlens[-1])
+        t_b = bucket_tokens(t)
+        n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
+        return (t_b, bucket_seqs(n) if grad else bucket_seqs_no_grad(n),
+                self.encoder.base.training, self.encoder.uses_token_types, mode, grad)
+
+    def _get_or_capture(self, key, hp: HostPack, device) -> "_Captured | None":
+        cap = self.graphs.get(key)
+        if cap is not None:
+            return cap
+        grad = key[-1]
+        if torch._C._current_graph_task_id() != -1:
+            # Never capture inside a backward pass (a cached loss's replay): the engine's stream
+            # bookkeeping around the capture invalidated it on the GPU. Those buckets are captured
+            # ahead, in the loss's first pass (see ``prepare``), and only replayed here.
+            return None
+        # Training steps repeat their few buckets from the first step on; inference (no grad) walks
+        # through many sizes once (encode sorts by length), so capture those only for buckets that
+        # keep coming back.
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if not grad and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
+            return None
+        if sum(1 for k in self.graphs if k[-1] == grad) >= (MAX_GRAPHS if grad else MAX_NO_GRAD_GRAPHS):
+            return None
+        try:
+            # Captured outside inference mode even when called from encode (which runs under
+            # torch.inference_mode): static buffers made there would be inference tensors, and a
+            # later replay outside it (a no_grad eval step) could not refill them in place.
+            with torch.inference_mode(False):
+                cap = self._capture(key, hp, device)
+        except Exception as exc:  # capture is an optimisation: never let it break training
+            self.disabled_reason = f"{type(exc).__name__}: {exc}"
+            logger.debug("CUDA graph capture failed", exc_info=True)
+            warn_once(f"CUDA graph capture failed ({self.disabled_reason}); this model runs eagerly")
+            return None
+        self.graphs[key] = cap
+        return cap
+
+    def prepare(self, hp: HostPack, device) -> None:
+        """Capture the with-gradient graph of ``hp``'s bucket now, if it will be wanted and is missing.
+
+        For the cached losses: their with-gradient forwards run inside ``loss.backward()``, where
+        nothing may be captured, so the first (no-gradient) pass prepares each mini-batch's bucket."""
+        if not self._eligible(hp, device) or not any(p.requires_grad for p in self._all_params()):
+            return
+        with torch.enable_grad():
+            mode = self._checkpoint_mode(True)
+            if mode is not None:
+                self._get_or_capture(self._key(hp, True, mode), hp, device)
 
     def _all_params(self) -> list:
         if self._param_list is None or self._registrations_seen != _REGISTRATIONS[0]:
@@ -260,7 +334,7 @@ class GraphedEncoder:
 
     # -- capture ----------------------------------------------------------------------------------
     def _capture(self, key, hp: HostPack, device) -> _Captured:
-        t_b, n_b, training, with_tt, grad = key
+        t_b, n_b, training, with_tt, _mode, grad = key
         static = _StaticBatch(t_b, n_b, self.cap, device, with_tt)
         static.fill(hp, self.encoder.pad_token_id)
         params = self._params() if grad else ()
@@ -296,35 +370,14 @@ class GraphedEncoder:
     def run(self, hp: HostPack, device) -> torch.Tensor | None:
         if not self._eligible(hp, device):
             return None
-        t = int(hp.cu_seqlens[-1])
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._all_params())
-        t_b = bucket_tokens(t)
-        n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
-        key = (t_b, bucket_seqs(n) if grad else bucket_seqs_no_grad(n),
-               self.encoder.base.training, self.encoder.uses_token_types, grad)
-        cap = self.graphs.get(key)
-        if cap is None:
-            # Training steps repeat their few buckets from the first step on; inference (no grad)
-            # walks through many sizes once (encode sorts by length), so capture those only for
-            # buckets that keep coming back.
-            self._seen[key] = self._seen.get(key, 0) + 1
-            if not grad and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
-                return None
-            if sum(1 for k in self.graphs if k[-1] == grad) >= (MAX_GRAPHS if grad else MAX_NO_GRAD_GRAPHS):
-                return None
-            try:
-                # Captured outside inference mode even when called from encode (which runs under
-                # torch.inference_mode): static buffers made there would be inference tensors, and a
-                # later replay outside it (a no_grad eval step) could not refill them in place.
-                with torch.inference_mode(False):
-                    cap = self._capture(key, hp, device)
-            except Exception as exc:  # capture is an optimisation: never let it break training
-                self.disabled_reason = f"{type(exc).__name__}: {exc}"
-                warn_once(f"CUDA graph capture failed ({self.disabled_reason}); this model runs eagerly")
-                return None
-            self.graphs[key] = cap
-        if not cap.static.fits(hp):
+        mode = self._checkpoint_mode(grad)
+        if mode is None:
             return None
+        cap = self._get_or_capture(self._key(hp, grad, mode), hp, device)
+        if cap is None or not cap.static.fits(hp):
+            return None
+        t = int(hp.cu_seqlens[-1])
         cap.static.fill(hp, self.encoder.pad_token_id)
         if cap.bwd is None:
             cap.fwd.replay()

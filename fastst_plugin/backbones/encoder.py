@@ -95,6 +95,7 @@ class PackedEncoder:
         self.attention_dropout = float(spec.attention_dropout(config) or 0.0)
         self.embedding_dropout = float(spec.embedding_dropout(config) or 0.0) if spec.embedding_dropout else 0.0
         self.graphed = None  # GraphedEncoder, created on the first CUDA call
+        self._lora_dropout, self._lora_dropout_seen = False, -1
         self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
     # -- options, read per call -------------------------------------------------------------
@@ -255,15 +256,18 @@ class PackedEncoder:
         Returns ``(hidden [T, H], PackedBatch on device)``."""
         p = hp.to(device)
         if self.state.options.cuda_graphs and device.type == "cuda":
-            if self.graphed is None:
-                from ..graphs import GraphedEncoder
-
-                cap = self.max_positions()
-                self.graphed = GraphedEncoder(self, cap)
-            out = self.graphed.run(hp, device)
+            out = self.ensure_graphed().run(hp, device)
             if out is not None:
                 return out, p
         return self.forward_eager(p), p
+
+    def ensure_graphed(self):
+        """The encoder's :class:`~fastst_plugin.graphs.GraphedEncoder` (made on first use)."""
+        if self.graphed is None:
+            from ..graphs import GraphedEncoder
+
+            self.graphed = GraphedEncoder(self, self.max_positions())
+        return self.graphed
 
     def max_positions(self) -> int:
         """The longest text the graphs are captured for: the model's ``max_seq_length`` when known."""
@@ -288,6 +292,25 @@ class PackedEncoder:
             )
             return "off"
         return mode
+
+    def draws_random_numbers(self) -> bool:
+        """Whether a training forward draws from the RNG (a dropout with p > 0 in the config or in a
+        LoRA adapter). Without it, checkpointing needs no RNG snapshot (which reads the CUDA
+        generator's state: not allowed inside a CUDA graph capture) and the recompute is exact anyway."""
+        if not self.base.training:
+            return False
+        if self.hidden_dropout > 0 or self.attention_dropout > 0 or self.embedding_dropout > 0:
+            return True
+        from ..graphs import registrations
+
+        seen = registrations()
+        if self._lora_dropout_seen != seen:  # adapters added or replaced since the last look
+            self._lora_dropout = any(
+                isinstance(d, nn.Dropout) and d.p > 0
+                for m in self.base.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()
+            )
+            self._lora_dropout_seen = seen
+        return self._lora_dropout
 
     def forward_eager(self, p) -> torch.Tensor:
         if not self.spec.half_precision_ok and ops.autocast_dtype(p.input_ids.device.type) == torch.float16:
@@ -316,11 +339,13 @@ class PackedEncoder:
         """One layer under non-reentrant checkpointing: ``h`` is all that is stored ("layer"), or
         the selective policy's tensors too ("selective", see :mod:`fastst_plugin.checkpointing`)."""
         fn = partial(self.layer_forward, layer, p=p, tables=tables)
+        rng = self.draws_random_numbers()
         if mode == "selective":
             # A stored attention kernel is not re-run, so it must not be one that draws random numbers.
             save_attention = not (self.base.training and self.attention_dropout > 0)
-            return checkpoint(fn, h, use_reentrant=False, context_fn=checkpointing.selective_context_fn(save_attention))
-        return checkpoint(fn, h, use_reentrant=False)
+            return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=rng,
+                              context_fn=checkpointing.selective_context_fn(save_attention))
+        return checkpoint(fn, h, use_reentrant=False, preserve_rng_state=rng)
 
     @staticmethod
     def _offloaded(unit, h, p, offloader):

@@ -42,3 +42,62 @@ def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
         padded = encoder.forward_eager(static.as_packed())[:t]
         plain = encoder.forward_eager(hp.to("cpu"))
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+
+
+def _graphed(model):
+    from fastst_plugin.graphs import GraphedEncoder
+
+    encoder = fastst_plugin.api.get_state(model).encoder
+    return encoder, GraphedEncoder(encoder, 16)
+
+
+def test_random_numbers_are_seen_from_config_and_adapters(tmp_path):
+    model = save_tiny(tmp_path, "qwen3")  # no dropout in the config
+    fastst_plugin.enable_fast(model, kernels="torch", lora={"r": 4, "lora_dropout": 0.0})
+    encoder = fastst_plugin.api.get_state(model).encoder
+    model.train()
+    assert not encoder.draws_random_numbers()
+    model.eval()
+    assert not encoder.draws_random_numbers()
+    model = save_tiny(tmp_path / "b", "qwen3")
+    fastst_plugin.enable_fast(model, kernels="torch", lora={"r": 4, "lora_dropout": 0.1})
+    model.train()
+    assert fastst_plugin.api.get_state(model).encoder.draws_random_numbers()
+
+
+def test_checkpointed_graphs_only_without_random_numbers_or_offload(tmp_path):
+    # Checkpointing inside a graph is exact only when nothing is random (the recompute inside the
+    # backward graph would draw new numbers); offloading's side-stream copies cannot be captured.
+    model = save_tiny(tmp_path, "qwen3")
+    fastst_plugin.enable_fast(model, kernels="torch", lora={"r": 4}, gradient_checkpointing="layer")
+    encoder, graphed = _graphed(model)
+    model.train()
+    assert graphed._checkpoint_mode(False) == "off"
+    assert graphed._checkpoint_mode(True) == "layer"
+    encoder.state.options.gradient_checkpointing = "offload"
+    assert graphed._checkpoint_mode(True) is None
+    encoder.state.options.gradient_checkpointing = "selective"
+    encoder.hidden_dropout = 0.1
+    assert graphed._checkpoint_mode(True) is None
+
+
+def test_nothing_is_captured_inside_a_backward_pass(tmp_path):
+    # A cached loss replays its mini-batches inside loss.backward(); capturing there failed on the
+    # GPU, so only graphs captured ahead (GraphedEncoder.prepare) may be replayed there.
+    model = save_tiny(tmp_path, "bert")
+    fastst_plugin.enable_fast(model, kernels="torch", lora={"r": 4})
+    encoder, graphed = _graphed(model)
+    model.train()
+    features = model.preprocess(["hello world", "x"])
+    hp = host_pack(features["input_ids"], features["attention_mask"], features.get("token_type_ids"))
+    captured = []
+    graphed._capture = lambda key, hp, device: captured.append(key) or "captured"
+    key = graphed._key(hp, True, "off")
+    results = []
+    x = torch.ones(2, requires_grad=True)
+    y = (x * 2).sum()
+    y.register_hook(lambda g: results.append(graphed._get_or_capture(key, hp, torch.device("cpu"))))
+    y.backward()
+    assert results == [None] and captured == []
+    assert graphed._get_or_capture(key, hp, torch.device("cpu")) == "captured" and captured == [key]
+    assert graphed._get_or_capture(key, hp, torch.device("cpu")) == "captured" and len(captured) == 1

@@ -1,11 +1,12 @@
 """GPU checks of the memory features (issue #8), bf16, real architectures with random weights.
 
-    python tests/gpu/memory_checks.py [modes] [peaks] [cached] [qlora]      (default: all four)
+    python tests/gpu/memory_checks.py [modes] [graph_modes] [peaks] [cached] [qlora]   (default: all)
 
 modes   every gradient checkpointing mode vs "off", four families (MiniLM, ModernBERT, EmbeddingGemma,
         Qwen3-0.6B), LoRA r=16: embedding cosine and the largest relative LoRA-gradient error, next
         to the error between two "off" runs (FlashAttention's backward accumulates with atomics, so
         two identical bf16 runs already differ in the last bits); peak memory and time per mode
+graph_modes  the same with CUDA graphs on (checkpointing is captured when no dropout is active)
 peaks   the #8 cell (EmbeddingGemma, 64 pairs of long documents, max_seq_length 1024): peak memory of
         one forward + backward per mode, LoRA and QLoRA (weights included, optimizer excluded)
 cached  bert-base: CachedMultipleNegativesRankingLoss gradients vs MultipleNegativesRankingLoss through
@@ -135,12 +136,13 @@ def _errs(ref, got):
     return cos, errs[-1][0] if errs else 0.0, errs[-1][1] if errs else None, missing
 
 
-def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b")):
+def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b"), cuda_graphs=False):
     import fastst_plugin
 
+    check = "graph-modes" if cuda_graphs else "modes"
     for key in keys:
         try:
-            model = _build(key, _n(512, 64))
+            model = _build(key, _n(512, 64), cuda_graphs=cuda_graphs)
             qs, ds = _texts(_n(32, 4), long_len=_n(512, 64))
             features = _to_dev(model.preprocess(qs + ds))
             fastst_plugin.enable_fast(model, gradient_checkpointing="off")
@@ -155,17 +157,25 @@ def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b"
                 # Pass: same function (cosine), gradients within a few times the run-to-run noise
                 # of "off" itself (and never beyond bf16 resolution).
                 ok = cos >= 0.9999 and not missing and err <= max(4 * noise[1], 2e-3) and err <= 3e-2
-                _emit({"check": "modes", "model": key, "mode": mode, "ok": ok, "cos_min": cos, "grad_rel_err_max": err,
+                graphed = fastst_plugin.api.get_state(model).encoder.graphed
+                _emit({"check": check, "model": key, "mode": mode, "ok": ok, "cos_min": cos, "grad_rel_err_max": err,
+                       "graphs": sorted(k[-2] for k in graphed.graphs) if graphed else [],
+                       "graphs_disabled": graphed.disabled_reason if graphed else None,
                        "worst": worst, "off_vs_off_grad_rel_err": noise[1], "missing": missing,
                        "tokens": int(features["attention_mask"].sum()),
                        "peak_gb_above_model": round(got[2], 3), "peak_gb_off": round(ref[2], 3),
                        "ms": round(got[4] * 1000, 1), "ms_off": round(ref[4] * 1000, 1)})
         except Exception as exc:  # one model's failure must not hide the others
             traceback.print_exc()
-            _emit({"check": "modes", "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            _emit({"check": check, "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
         finally:
             model = None
             _free()
+
+
+def graph_modes():
+    """``modes`` with CUDA graphs on: checkpointed steps are captured too when nothing is random."""
+    modes(("minilm", "embeddinggemma-300m", "qwen3-0.6b"), cuda_graphs=True)
 
 
 def peaks():
@@ -279,7 +289,7 @@ def qlora():
 
 
 if __name__ == "__main__":
-    todo = sys.argv[1:] or ["modes", "peaks", "cached", "qlora"]
+    todo = sys.argv[1:] or ["modes", "graph_modes", "peaks", "cached", "qlora"]
     for name in todo:
         t0 = time.time()
         globals()[name]()

@@ -7,6 +7,12 @@
 #                                             bert-base reranker's predict on 6,000 pairs
 #   bash tests/gpu/run_acceptance.sh probe    encode profile (host timeline) of MiniLM and bert-base;
 #                                             LoRA 256 for the three BERT-family models
+#   bash tests/gpu/run_acceptance.sh mem      CachedMNRL at 1,024 pairs (profile + bench), Gemma3/Qwen3 LoRA 256
+#                                             under selective / per-layer checkpointing, Qwen3 memory
+#                                             breakdown, MiniLM / bert-base encode
+#   bash tests/gpu/run_acceptance.sh graphs   checkpointing / cached losses through CUDA graphs: bf16
+#                                             correctness, CachedMNRL at 1,024 pairs, Gemma3/Qwen3 LoRA
+#                                             256 with selective / per-layer checkpointing
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -45,8 +51,34 @@ train)  # issue #4's training table (six models, LoRA r=32, 256 tokens) and the 
   stage predict; timeout 60 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
     --repeats 2 --out $R/predict > $R/predict.log 2>&1
   ;;
+mem)  # issue #8's CachedMNRL cell with a profile; issue #6's memory at 256 per checkpointing mode; encode re-check
+  stage cached-profile; OUT=$R timeout 120 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1
+  stage cached;  timeout 120 $B train --no-dropout --steps 4 --repeats 2 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
+  timeout 60 $B train --no-dropout --steps 4 --repeats 2 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  for m in selective layer; do stage ckpt-$m
+    timeout 90 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders fastst \
+      --fastst-opt gradient_checkpointing=$m --out $R/ckpt-$m > $R/ckpt-$m.log 2>&1; done
+  stage breakdown; OUT=$R timeout 90 python3 tests/gpu/memory_breakdown.py --models qwen3-0.6b > $R/breakdown.log 2>&1
+  stage encode;  timeout 100 $B encode --corpus-size 6000 --models minilm,bert-base --contenders stock,fastst --repeats 2 \
+    --out $R/encode > $R/encode.log 2>&1
+  ;;
+graphs)  # checkpointing and cached losses replayed from CUDA graphs: correctness, then speed and memory
+  stage checks; OUT=$R timeout 200 python3 tests/gpu/memory_checks.py graph_modes cached > $R/memory_checks.log 2>&1
+  stage cached;  timeout 150 $B train --no-dropout --steps 3 --repeats 2 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders stock,fastst --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
+  timeout 60 $B train --no-dropout --steps 4 --repeats 2 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  stage ckpt-selective; timeout 120 $B train $T --models embeddinggemma-300m,qwen3-0.6b --contenders stock,fastst \
+      --fastst-opt gradient_checkpointing=selective --out $R/ckpt-selective > $R/ckpt-selective.log 2>&1
+  stage ckpt-layer; timeout 60 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders fastst \
+      --fastst-opt gradient_checkpointing=layer --out $R/ckpt-layer > $R/ckpt-layer.log 2>&1
+  ;;
 esac
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
-{ cat $R/timeline.txt; tail -n 25 $R/parity.log 2>/dev/null; tail -n 30 $R/encode_checks.log 2>/dev/null; } >> $OUT/summary.txt
+{ cat $R/timeline.txt; tail -n 25 $R/parity.log 2>/dev/null; tail -n 30 $R/encode_checks.log 2>/dev/null;
+  grep '^{' $R/memory_checks.log 2>/dev/null; } >> $OUT/summary.txt
 tar czf $OUT/acceptance.tgz -C /tmp acceptance
