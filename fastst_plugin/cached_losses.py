@@ -74,7 +74,13 @@ def fast_host_pack(features) -> HostPack | None:
 def token_budget_ranges(hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None) -> list[tuple[int, int]]:
     """``(begin, end)`` row ranges of consecutive texts whose real tokens fit the budget
     (``mini_batch_num_tokens``, else ``mini_batch_size`` × the padded width); a text longer than
-    the budget is a mini-batch of its own. Host data only."""
+    the budget is a mini-batch of its own. Host data only.
+
+    As few mini-batches as a greedy cut needs, but cut at equal shares of the tokens: greedy gives
+    full mini-batches plus an odd remainder, whose size changes every step, and each new size is a
+    new CUDA-graph bucket (a capture, or an eager run once the bucket slots are used). Balanced cuts
+    land in one or two buckets. Falls back to the greedy cut when a balanced one would exceed the
+    budget (very long texts)."""
     n, width = hp.orig_shape
     if n == 0:
         return []
@@ -84,15 +90,27 @@ def token_budget_ranges(hp: HostPack, mini_batch_size: int, mini_batch_num_token
         budget = int(mini_batch_size) * max(int(width), 1)
     budget = max(budget, 1)
     cumulative = hp.cu_seqlens[1:].to(torch.int64)
-    ranges = []
+    greedy = []
     begin = 0
     while begin < n:
         start = int(hp.cu_seqlens[begin])
         end = int(torch.searchsorted(cumulative, torch.tensor(start + budget), right=True))
         end = min(max(end, begin + 1), n)
-        ranges.append((begin, end))
+        greedy.append((begin, end))
         begin = end
-    return ranges
+    total = int(cumulative[-1])
+    for k in (len(greedy), len(greedy) + 1):
+        if k <= 1 or k > n:
+            break
+        shares = torch.tensor([total * i / k for i in range(1, k)], dtype=torch.float64)
+        cuts = torch.searchsorted(cumulative.to(torch.float64), shares, right=True).tolist()
+        bounds = [0, *cuts, n]
+        if any(b <= a for a, b in zip(bounds, bounds[1:])):
+            continue
+        ranges = list(zip(bounds, bounds[1:]))
+        if all(e - b == 1 or int(hp.cu_seqlens[e]) - int(hp.cu_seqlens[b]) <= budget for b, e in ranges):
+            return ranges
+    return greedy
 
 
 def slice_host_pack(hp: HostPack, begin: int, end: int) -> tuple[HostPack, int]:
@@ -119,6 +137,9 @@ def slice_host_pack(hp: HostPack, begin: int, end: int) -> tuple[HostPack, int]:
         max_seqlen=max_seqlen,
         orig_shape=(end - begin, new_width),
     )
+    # A cached loss's mini-batch: CUDA graphs bucket its text count by powers of two (its size
+    # varies from step to step within one token budget; see graphs.GraphedEncoder._key).
+    sub.coarse_seq_buckets = True
     return sub, new_width
 
 

@@ -271,7 +271,8 @@ class GraphedEncoder:
         t = int(hp.cu_seqlens[-1])
         t_b = bucket_tokens(t)
         n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
-        return (t_b, bucket_seqs(n) if grad else bucket_seqs_no_grad(n),
+        coarse = not grad or getattr(hp, "coarse_seq_buckets", False)
+        return (t_b, bucket_seqs_no_grad(n) if coarse else bucket_seqs(n),
                 self.encoder.base.training, self.encoder.uses_token_types, mode, grad)
 
     def _get_or_capture(self, key, hp: HostPack, device) -> "_Captured | None":

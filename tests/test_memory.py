@@ -297,8 +297,13 @@ def test_token_budget_ranges_and_sliced_host_packs():
         limit = budget if budget is not None else mbs * width
         for b, e in ranges:
             assert sum(lengths[b:e]) <= limit or e - b == 1  # a text longer than the budget: alone
-            if e < len(DOCS):
-                assert sum(lengths[b : e + 1]) > limit  # greedy: the next text did not fit
+        greedy, begin = 0, 0  # the fewest mini-batches a contiguous cut can have
+        while begin < len(DOCS):
+            end = begin + 1
+            while end < len(DOCS) and sum(lengths[begin : end + 1]) <= limit:
+                end += 1
+            greedy, begin = greedy + 1, end
+        assert greedy <= len(ranges) <= greedy + 1
     for b, e in ((0, 2), (1, 4), (5, 6), (0, 6)):
         sub, w = slice_host_pack(hp, b, e)
         mask = enc["attention_mask"][b:e]
@@ -308,6 +313,18 @@ def test_token_budget_ranges_and_sliced_host_packs():
         for field in ("input_ids", "position_ids", "token_type_ids", "cu_seqlens", "seq_idx", "orig_index", "pad_index", "lengths"):
             assert torch.equal(getattr(sub, field).long(), getattr(ref, field).long()), field
         assert (sub.max_seqlen, sub.orig_shape) == (ref.max_seqlen, ref.orig_shape)
+
+
+def test_token_budget_ranges_are_balanced():
+    # 10 texts of 10 tokens, budget 40: greedy would cut 40 + 40 + 20; balanced cuts 30 + 30 + 40
+    # (three mini-batches either way, sizes that recur from step to step).
+    ids = torch.ones(10, 12, dtype=torch.long)
+    mask = torch.zeros(10, 12, dtype=torch.long)
+    mask[:, :10] = 1
+    hp = host_pack(ids, mask, None)
+    ranges = token_budget_ranges(hp, 1, 40)
+    assert ranges == [(0, 3), (3, 6), (6, 10)]
+    assert all(slice_host_pack(hp, b, e)[0].coarse_seq_buckets for b, e in ranges)
 
 
 def _record_minibatches(loss):

@@ -13,6 +13,8 @@
 #   bash tests/gpu/run_acceptance.sh graphs   checkpointing / cached losses through CUDA graphs: bf16
 #                                             correctness, CachedMNRL at 1,024 pairs, Gemma3/Qwen3 LoRA
 #                                             256 with selective / per-layer checkpointing
+#   bash tests/gpu/run_acceptance.sh cached   CachedMNRL at 1,024 pairs: bf16 gradients vs MNRL, stock and
+#                                             fastst at mini-batch 64, fastst at 256, plain MNRL
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -75,6 +77,15 @@ graphs)  # checkpointing and cached losses replayed from CUDA graphs: correctnes
       --fastst-opt gradient_checkpointing=selective --out $R/ckpt-selective > $R/ckpt-selective.log 2>&1
   stage ckpt-layer; timeout 60 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders fastst \
       --fastst-opt gradient_checkpointing=layer --out $R/ckpt-layer > $R/ckpt-layer.log 2>&1
+  ;;
+cached)  # issue #8's CachedMNRL cell: correctness, then cached (stock, fastst) and plain MNRL at 1,024 pairs
+  stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
+  stage cached;  timeout 200 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
+    --contenders stock,fastst --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
+  timeout 100 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --loss cached-mnrl --mini-batch-size 256 --out $R/cached --append >> $R/cached.log 2>&1
+  timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
   ;;
 esac
 stage done
