@@ -9,10 +9,11 @@ integration, reverted with it) patches the shared helpers they use so that, for 
 carry a host pack (they come from a fast model's ``preprocess``):
 
 * mini-batches are cut by **token budget** over the packed texts: ``mini_batch_num_tokens`` when the
-  loss sets it, else ``mini_batch_size`` × the column's padded width — the token positions stock's
-  first padded mini-batch computes, so no packed mini-batch holds more activations than stock's
-  largest one, and short texts share a mini-batch instead of each group of ``mini_batch_size``
-  being run on its own. Boundaries come from the host pack: no device synchronisation (stock
+  loss sets it, else ``mini_batch_size`` × the padded width of the call's widest column — the token
+  positions stock's largest padded mini-batch computes, so no packed mini-batch holds more
+  activations than stock's largest one, and short texts (a query column) share a few large
+  mini-batches instead of each group of ``mini_batch_size`` being run on its own. Cuts fall at
+  equal shares of a column's tokens. Boundaries come from the host pack: no device synchronisation (stock
   reads the attention mask back from the GPU for every mini-batch);
 * each mini-batch gets its own host pack (rows sliced on the host), so it runs through the
   encoder's ``run_host`` like any training forward — CUDA graphs included, for the no-gradient pass
@@ -46,6 +47,7 @@ inputs, flattened features) goes to the stock helpers unchanged.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 from collections.abc import Mapping
 
@@ -71,23 +73,25 @@ def fast_host_pack(features) -> HostPack | None:
     return None
 
 
-def token_budget_ranges(hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None) -> list[tuple[int, int]]:
+def token_budget_ranges(
+    hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None, width: int | None = None
+) -> list[tuple[int, int]]:
     """``(begin, end)`` row ranges of consecutive texts whose real tokens fit the budget
-    (``mini_batch_num_tokens``, else ``mini_batch_size`` × the padded width); a text longer than
-    the budget is a mini-batch of its own. Host data only.
+    (``mini_batch_num_tokens``, else ``mini_batch_size`` × ``width``, by default the features'
+    padded width); a text longer than the budget is a mini-batch of its own. Host data only.
 
     As few mini-batches as a greedy cut needs, but cut at equal shares of the tokens: greedy gives
     full mini-batches plus an odd remainder, whose size changes every step, and each new size is a
     new CUDA-graph bucket (a capture, or an eager run once the bucket slots are used). Balanced cuts
     land in one or two buckets. Falls back to the greedy cut when a balanced one would exceed the
     budget (very long texts)."""
-    n, width = hp.orig_shape
+    n, own_width = hp.orig_shape
     if n == 0:
         return []
     if mini_batch_num_tokens is not None:
         budget = int(mini_batch_num_tokens)
     else:
-        budget = int(mini_batch_size) * max(int(width), 1)
+        budget = int(mini_batch_size) * max(int(width or own_width), 1)
     budget = max(budget, 1)
     cumulative = hp.cu_seqlens[1:].to(torch.int64)
     greedy = []
@@ -174,12 +178,17 @@ def _wrap_create_minibatch(orig):
     return _create_minibatch
 
 
+# The widest padded width among the columns of the cached loss call in progress (see forward_cached).
+_STEP_WIDTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastst_cached_step_width", default=None)
+
+
 def _wrap_minibatch_ranges(orig):
     def _minibatch_ranges(sentence_feature, mini_batch_size, mini_batch_num_tokens=None):
         hp = fast_host_pack(sentence_feature)
         if hp is None:
             return orig(sentence_feature, mini_batch_size, mini_batch_num_tokens)
-        return token_budget_ranges(hp, mini_batch_size, mini_batch_num_tokens)
+        width = max(hp.orig_shape[1], _STEP_WIDTH.get() or 0)
+        return token_budget_ranges(hp, mini_batch_size, mini_batch_num_tokens, width=width)
 
     _minibatch_ranges._fastst_wrapped = orig
     return _minibatch_ranges
@@ -293,9 +302,24 @@ def _wrap_forward_cached(orig):
         self.__dict__["_fastst_keep_first"] = (
             torch.is_grad_enabled() and not distributed and not _graphs_possible(_model_state(self))
         )
+        # Every column's mini-batches get the token budget of the widest column (mini_batch_size x
+        # its padded width): stock's largest mini-batch, so the peak stays within stock's, while a
+        # column of short queries runs as one or two large packed batches instead of many small
+        # ones (H200, bert-base, 1,024 pairs: six query mini-batches of ~2k tokens each, whose
+        # narrow matmuls ran at a fraction of the documents' rate).
+        if args:
+            args = (list(args[0]), *args[1:])
+            columns = args[0]
+        elif "sentence_features" in kwargs:
+            kwargs["sentence_features"] = columns = list(kwargs["sentence_features"])
+        else:
+            columns = []
+        widths = [hp.orig_shape[1] for hp in map(fast_host_pack, columns) if hp is not None]
+        token = _STEP_WIDTH.set(max(widths) if widths else None)
         try:
             return orig(self, *args, **kwargs)
         finally:
+            _STEP_WIDTH.reset(token)
             self.__dict__.pop("_fastst_keep_first", None)
 
     forward_cached._fastst_wrapped = orig

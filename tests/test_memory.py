@@ -327,6 +327,23 @@ def test_token_budget_ranges_are_balanced():
     assert all(slice_host_pack(hp, b, e)[0].coarse_seq_buckets for b, e in ranges)
 
 
+def test_cached_columns_get_the_widest_columns_budget(tmp_path):
+    # Queries get the documents' budget (mini_batch_size x the widest padded width of the call):
+    # stock's largest mini-batch, so short queries run as few packed mini-batches.
+    from sentence_transformers.sentence_transformer import losses
+
+    model = _build(tmp_path, "bert", lora=4)
+    calls = _spy_run_host(model)
+    features = [model.preprocess(QUERIES), model.preprocess(DOCS)]
+    q_width, d_width = features[0]["input_ids"].shape[1], features[1]["input_ids"].shape[1]
+    assert q_width < d_width and int(features[0]["attention_mask"].sum()) <= 2 * d_width
+    loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2)(features, None)
+    loss.backward()
+    first_pass = [c for c in calls if not c[3]]
+    assert first_pass[0][0] == len(QUERIES)  # all queries in one mini-batch (with their own width: 3)
+    assert all(c[1] <= 2 * d_width for c in first_pass)
+
+
 def _record_minibatches(loss):
     """(pass-1 embeddings, replayed embeddings) of every mini-batch, in order."""
     seen = {False: [], True: []}
@@ -456,3 +473,4 @@ def test_qlora_fast_path_matches_peft(tmp_path, family, quantization):
             assert err <= 1e-4, f"{mode} {name}: relative gradient error {err:.2e}"
         if mode != "off":
             _assert_same(results[mode], results["off"])
+
