@@ -222,7 +222,11 @@ class PackedEncoder:
         if layer.ls.wiring == POST_NORM:
             a = ops.dropout(self.attention(layer, h, p, tables, training), pd, training)
             return self._norm(a, layer.post_attn_norm, residual=h)
-        x = self._norm(h, layer.attn_norm)
+        # h comes back from the norm (as itself) so that its two gradients (norm, residual) are
+        # summed in fp32 inside the norm's backward, as in the fused residual + norm of
+        # layer_forward, not in bf16 by autograd (measured: offload's gradients otherwise drifted
+        # ~1e-2 from "off" on EmbeddingGemma, 5x the run-to-run noise).
+        x, h = self._norm(h, layer.attn_norm, return_residual=True)
         a = self.attention(layer, x, p, tables, training)
         if layer.ls.wiring == SANDWICH_NORM:
             a = self._norm(a, layer.post_attn_norm)
@@ -235,7 +239,7 @@ class PackedEncoder:
         if layer.ls.wiring == POST_NORM:
             m = ops.dropout(self.mlp(layer, h, training), pd, training)
             return self._norm(m, layer.post_mlp_norm, residual=h)
-        x = self._norm(h, layer.mlp_norm)
+        x, h = self._norm(h, layer.mlp_norm, return_residual=True)  # see attention_block
         m = self.mlp(layer, x, training)
         if layer.ls.wiring == SANDWICH_NORM:
             m = self._norm(m, layer.post_mlp_norm)

@@ -251,7 +251,7 @@ def _layer_norm_fwd(x, weight, bias, residual, eps, store_stats):
 
 class LayerNormFn(torch.autograd.Function):
     """Triton LayerNorm. ``residual``, ``weight``, ``bias`` may be None. Returns ``y`` or, with
-    ``return_residual`` (which needs a residual), ``(y, h)``."""
+    ``return_residual``, ``(y, h)`` (``h`` is ``x`` itself without a residual)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, return_residual):
@@ -265,7 +265,10 @@ class LayerNormFn(torch.autograd.Function):
         ctx.out_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.res_dtype = residual.dtype if has_res else None
-        if has_res and return_residual:
+        if return_residual:
+            # Without a residual h is x: handed back as a view, so that a later use of it sends its
+            # gradient here and the backward adds it to the norm's own in fp32 (one rounding), where
+            # autograd would add two bf16 gradients.
             return y.view(x.shape), h.view(x.shape)
         return y.view(x.shape)
 
@@ -362,8 +365,4 @@ def layer_norm(
         if not return_residual:
             return y
         return y, (h.view(x.shape) if residual is not None else x)
-    if residual is None:
-        # No add to fuse: h is x, so hand x back and let autograd route dh straight to it.
-        y = LayerNormFn.apply(x, weight, bias, None, float(eps), False)
-        return (y, x) if return_residual else y
     return LayerNormFn.apply(x, weight, bias, residual, float(eps), bool(return_residual))

@@ -158,7 +158,7 @@ def _rms_norm_fwd(x, weight, residual, eps, offset, store_stats):
 
 class RMSNormFn(torch.autograd.Function):
     """Triton RMSNorm. ``residual`` and ``weight`` may be None. Returns ``y`` or, with
-    ``return_residual`` (which needs a residual), ``(y, h)``."""
+    ``return_residual``, ``(y, h)`` (``h`` is ``x`` itself without a residual)."""
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset, return_residual):
@@ -171,7 +171,10 @@ class RMSNormFn(torch.autograd.Function):
         ctx.out_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.res_dtype = residual.dtype if has_res else None
-        if has_res and return_residual:
+        if return_residual:
+            # Without a residual h is x: handed back as a view, so that a later use of it sends its
+            # gradient here and the backward adds it to the norm's own in fp32 (one rounding), where
+            # autograd would add two bf16 gradients.
             return y.view(x.shape), h.view(x.shape)
         return y.view(x.shape)
 
@@ -257,8 +260,4 @@ def rms_norm(
         if not return_residual:
             return y
         return y, (h.view(x.shape) if residual is not None else x)
-    if residual is None:
-        # No add to fuse: h is x, so hand x back and let autograd route dh straight to it.
-        y = RMSNormFn.apply(x, weight, None, float(eps), float(offset), False)
-        return (y, x) if return_residual else y
     return RMSNormFn.apply(x, weight, residual, float(eps), float(offset), bool(return_residual))

@@ -95,9 +95,10 @@ def test_triton_path_is_taken():
     x, w, b, r, *_ = _make((2, 8), torch.float32, True, True)
     y, h = layer_norm(x, w, b, EPS, residual=r, return_residual=True)
     assert "LayerNormFn" in type(y.grad_fn).__name__
-    # Without a residual, h is x itself so that autograd routes dh to x directly.
+    # Without a residual, h has x's values, as an output of the norm node (its gradient is added
+    # to the norm's inside the backward; see test_returned_input_routes_its_gradient_through_the_norm).
     y2, h2 = layer_norm(x, w, b, EPS, return_residual=True)
-    assert h2 is x
+    assert torch.equal(h2, x)
 
 
 @needs_triton
@@ -187,3 +188,17 @@ def test_reference_formula_and_residual():
     assert y.dtype == torch.float64
     torch.testing.assert_close(h, hh)
     torch.testing.assert_close(y, expected.to(torch.float64), atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+def test_returned_input_routes_its_gradient_through_the_norm():
+    # See the RMSNorm test of the same name: x comes back as an output of the norm node.
+    x = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    y, h = layer_norm(x, w, None, 1e-5, return_residual=True)
+    assert torch.equal(h, x) and "LayerNormFn" in type(h.grad_fn).__name__
+    (y.sum() + (h * 2).sum()).backward()
+    x2 = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.layer_norm(x2, (16,), w.detach(), None, 1e-5).sum() + (x2 * 2).sum()
+    ref.backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
