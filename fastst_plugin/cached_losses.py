@@ -119,9 +119,19 @@ def token_budget_ranges(
 
 def slice_host_pack(hp: HostPack, begin: int, end: int) -> tuple[HostPack, int]:
     """Rows ``begin:end`` of a host pack as the pack of the sliced features, and the padded width of
-    those features (stock's mini-batch drops the trailing padding columns none of its rows uses)."""
+    those features (stock's mini-batch drops the trailing padding columns none of its rows uses).
+    Kept on ``hp``: a mini-batch is sliced once per step, not again for its graph, its first pass
+    and its replay."""
     n, width = hp.orig_shape
     end = min(end, n)
+    cache = hp.__dict__.setdefault("_fastst_slices", {})
+    if (begin, end) not in cache:
+        cache[(begin, end)] = _slice_host_pack(hp, begin, end)
+    return cache[(begin, end)]
+
+
+def _slice_host_pack(hp: HostPack, begin: int, end: int) -> tuple[HostPack, int]:
+    n, width = hp.orig_shape
     t0, t1 = int(hp.cu_seqlens[begin]), int(hp.cu_seqlens[end])
     cols = hp.orig_index[t0:t1] % max(width, 1)
     new_width = int(cols.max()) + 1 if t1 > t0 else width
