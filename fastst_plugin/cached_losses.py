@@ -276,7 +276,9 @@ def _graphs_possible(state) -> bool:
     """Whether the packed encoder may replay CUDA graphs for this loss's model (then every mini-batch
     of the replay is a cheap graph replay, and keeping the first one's eager graph saves nothing)."""
     encoder = getattr(state, "encoder", None)
-    if encoder is None or not state.options.cuda_graphs:
+    if encoder is None or not state.options.cuda_graphs or torch.is_autocast_enabled("cuda"):
+        return False  # (autocast: graphs are skipped, see graphs.GraphedEncoder._eligible)
+    if encoder.graphed is not None and encoder.graphed.disabled_reason is not None:
         return False
     try:
         return next(encoder.base.parameters()).device.type == "cuda"
