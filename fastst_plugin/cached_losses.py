@@ -275,15 +275,16 @@ def _wrap_embed_minibatch(orig):
 def _graphs_possible(state) -> bool:
     """Whether the packed encoder may replay CUDA graphs for this loss's model (then every mini-batch
     of the replay is a cheap graph replay, and keeping the first one's eager graph saves nothing)."""
+    from .graphs import replays_possible
+
     encoder = getattr(state, "encoder", None)
-    if encoder is None or not state.options.cuda_graphs or torch.is_autocast_enabled("cuda"):
-        return False  # (autocast: graphs are skipped, see graphs.GraphedEncoder._eligible)
-    if encoder.graphed is not None and encoder.graphed.disabled_reason is not None:
+    if encoder is None:
         return False
     try:
-        return next(encoder.base.parameters()).device.type == "cuda"
+        device = next(encoder.base.parameters()).device
     except StopIteration:  # pragma: no cover - a model without parameters
         return False
+    return replays_possible(encoder, device)
 
 
 def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> None:

@@ -213,6 +213,20 @@ class _Captured:
         self.params, self.grad_params = params, grad_params
 
 
+def replays_possible(encoder, device) -> bool:
+    """Whether ``encoder``'s calls on ``device`` may replay graphs at all right now (bucket, length
+    and pending-backward checks come on top, per call)."""
+    if not encoder.state.options.cuda_graphs or device.type != "cuda":
+        return False
+    if encoder.graphed is not None and encoder.graphed.disabled_reason is not None:
+        return False  # a capture failed: this model runs eagerly
+    if torch.is_autocast_enabled("cuda"):
+        return False  # autocast's weight cache cannot live across replays
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # capture under NCCL failed on the GPU: see the module docstring
+    return True
+
+
 class GraphedEncoder:
     """Replays a PackedEncoder's forward/backward per bucket; ``None`` from ``run`` means "use eager"."""
 
@@ -237,14 +251,10 @@ class GraphedEncoder:
 
     # -- eligibility ----------------------------------------------------------------------------
     def _eligible(self, hp: HostPack, device) -> bool:
-        if self.disabled_reason is not None or device.type != "cuda":
+        if not replays_possible(self.encoder, device):
             return False
         if hp.max_seqlen > self.cap or int(hp.cu_seqlens[-1]) > GRAPH_MAX_TOKENS:
             return False
-        if torch.is_autocast_enabled("cuda"):
-            return False  # autocast's weight cache cannot live across replays
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return False  # capture under NCCL failed on the GPU: see the module docstring
         if self._pending is not None and self._pending() is not None:
             return False  # an earlier graphed forward still waits for its backward: its activations are in the pool
         signature = self._param_signature()

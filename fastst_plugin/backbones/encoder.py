@@ -335,17 +335,18 @@ class PackedEncoder:
                 h = self._offloaded(partial(self.attention_block, layer, p=p, tables=tables), h, p, offloader)
                 h = self._offloaded(partial(self.mlp_block, layer), h, p, offloader)
         else:
+            rng = self.draws_random_numbers()
             for layer in self.layers:
-                h = self._checkpointed(layer, h, p, tables, mode)
+                h = self._checkpointed(layer, h, p, tables, mode, rng)
         if self.final_norm is not None:
             h = self._norm(h, self.final_norm)
         return h
 
-    def _checkpointed(self, layer, h, p, tables, mode):
+    def _checkpointed(self, layer, h, p, tables, mode, rng):
         """One layer under non-reentrant checkpointing: ``h`` is all that is stored ("layer"), or
         the selective policy's tensors too ("selective", see :mod:`fastst_plugin.checkpointing`)."""
         fn = partial(self.layer_forward, layer, p=p, tables=tables)
-        rng = self.draws_random_numbers()
+        # ``rng``: whether the forward draws random numbers (no RNG snapshot needed otherwise).
         if mode == "selective":
             # A stored attention kernel is not re-run, so it must not be one that draws random numbers.
             save_attention = not (self.base.training and self.attention_dropout > 0)
