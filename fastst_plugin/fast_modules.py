@@ -289,7 +289,7 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
                     return stock_encode(*args, **kwargs)
             return inference.fast_call(
                 model, stock_encode, args, kwargs, state=state, transformer=transformer, run_batch=run_batch,
-                output_name="sentence_embedding", to_cpu=to_cpu, covered=covered,
+                output_name="sentence_embedding", to_cpu=to_cpu, covered=covered, finish=inference.finish_encode,
             )
 
         patches.set(model, "encode", encode)

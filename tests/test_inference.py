@@ -195,6 +195,73 @@ def test_encode_edge_cases(tmp_path, fast_calls):
     assert len(fast_calls) >= 6
 
 
+FINISH_ARGS = [
+    {},
+    {"normalize_embeddings": True},
+    {"truncate_dim": 8},
+    {"truncate_dim": 8, "normalize_embeddings": True, "convert_to_tensor": True},
+    {"convert_to_numpy": False},
+    {"convert_to_numpy": False, "convert_to_tensor": True},
+    {"precision": "int8"},  # left to stock's replay
+    {"show_progress_bar": True},  # left to stock's replay (its bar)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_finish_equals_stock_replay(tmp_path, dtype):
+    """finish_encode returns exactly what stock's own loop returns when it replays the same rows:
+    values bit for bit, type, dtype, shape, device, singular inputs and the model's truncate_dim."""
+    model = save_tiny(tmp_path, "bert").to(dtype)
+    model.eval()
+    fastst_plugin.enable_fast(model, kernels="torch")
+    used = []
+    original = inference.finish_encode
+
+    def replay_only(*args):
+        return NotImplemented
+
+    def counting(*args):
+        out = original(*args)
+        used.append(out is not NotImplemented)
+        return out
+
+    def both(texts, **kw):
+        inference.finish_encode = replay_only
+        try:
+            ref = model.encode(texts, **kw)
+        finally:
+            inference.finish_encode = original
+        return model.encode(texts, **kw), ref
+
+    for kw in FINISH_ARGS:
+        for texts in (TEXTS, "just one text") if "precision" not in kw else (TEXTS,):  # int8 of one row: stock raises
+            inference.finish_encode = counting
+            try:
+                got = model.encode(texts, **kw)
+            finally:
+                inference.finish_encode = original
+            _, ref = both(texts, **kw)
+            assert type(got) is type(ref), kw
+            if isinstance(ref, list):
+                assert len(got) == len(ref)
+                got, ref = torch.stack(got), torch.stack(ref)
+            if isinstance(ref, torch.Tensor):
+                assert got.dtype == ref.dtype and got.device == ref.device and got.is_contiguous()
+                assert torch.equal(got, ref), kw
+            else:
+                assert got.dtype == ref.dtype and got.flags.c_contiguous
+                np.testing.assert_array_equal(got, ref)
+    assert used.count(True) == 2 * 6 and used.count(False) == 1 + 2
+    model.truncate_dim = 4
+    got, ref = model.encode(TEXTS), None
+    inference.finish_encode = replay_only
+    try:
+        ref = model.encode(TEXTS)
+    finally:
+        inference.finish_encode = original
+    assert got.shape == ref.shape == (len(TEXTS), 4) and np.array_equal(got, ref)
+
+
 def test_token_embeddings_and_all_outputs_run_stock(tmp_path, fast_calls):
     model = save_tiny(tmp_path, "modernbert")
     model.eval()
@@ -275,6 +342,47 @@ def test_chunked_copy_back(tmp_path, monkeypatch, fast_calls):
     fastst_plugin.enable_fast(model, kernels="torch")
     out = model.encode(TEXTS, batch_size=2)
     assert _cos_min(out, ref) >= 0.99999 and len(fast_calls) == 1
+
+
+def test_chunks_grow_from_first_chunk_to_chunk(monkeypatch):
+    monkeypatch.setattr(inference, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(inference, "CHUNK", 20)
+    sizes = [len(c) for c in inference._chunks(np.arange(60))]
+    assert sizes == [2, 8, 20, 20, 10]
+    assert inference._chunks(np.arange(0)) == []
+
+
+@pytest.mark.parametrize("failure", ["not covered", "error"])
+def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch, failure):
+    """A chunk that turns out not covered (stock then runs the whole call) or a tokenizer error
+    (raised to the caller) in the middle of the pipeline: the worker threads are cancelled and
+    joined before the call returns."""
+    import threading
+
+    monkeypatch.setattr(inference, "SMALL_CALL", 0)
+    monkeypatch.setattr(inference, "FIRST_CHUNK", 1)
+    monkeypatch.setattr(inference, "CHUNK", 1)
+    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+    model = save_tiny(tmp_path, "bert")
+    model.eval()
+    ref = model.encode(TEXTS)
+    fastst_plugin.enable_fast(model, kernels="torch")
+    original, seen = inference._direct_chunk, []
+
+    def flaky(encodings, rows, *args):
+        seen.append(len(rows))
+        if len(seen) == 3:
+            raise inference._NotCovered("test") if failure == "not covered" else RuntimeError("tokenizer broke")
+        return original(encodings, rows, *args)
+
+    monkeypatch.setattr(inference, "_direct_chunk", flaky)
+    if failure == "not covered":
+        assert _cos_min(model.encode(TEXTS), ref) >= 0.99999  # stock's answer
+    else:
+        with pytest.raises(RuntimeError, match="tokenizer broke"):
+            model.encode(TEXTS)
+    assert len(seen) <= 3 + inference.AHEAD
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastst-")]
 
 
 def test_budget_batches():

@@ -50,12 +50,23 @@ def _timeline(model, docs, kw) -> str:
     rows = []
     now = lambda: (time.perf_counter() - t0[0]) * 1e3  # noqa: E731
     orig_chunk, orig_runner, orig_replay = inference._direct_chunk, inference._encode_packed, inference._replaying
+    orig_run_batches, orig_finish = inference._run_batches, inference.finish_encode
     events = []
+
+    def run_batches(*a, **k):
+        rows.append(("batches begin (sample check done)", now(), now(), ""))
+        return orig_run_batches(*a, **k)
+
+    def finish(*a, **k):
+        s = now()
+        r = orig_finish(*a, **k)
+        rows.append(("finish_encode", s, now(), "replay by stock" if r is NotImplemented else "direct"))
+        return r
 
     def chunk(*a, **k):
         s = now()
         r = orig_chunk(*a, **k)
-        rows.append(("tokenize+pack chunk", s, now(), f"{len(a[1])} texts, {len(r)} batches"))
+        rows.append(("pack chunk", s, now(), f"{len(a[1])} texts, {len(r)} batches"))
         return r
 
     def runner(encoder, hp):
@@ -73,6 +84,7 @@ def _timeline(model, docs, kw) -> str:
         return orig_replay(rep)
 
     inference._direct_chunk, inference._encode_packed, inference._replaying = chunk, runner, replaying
+    inference._run_batches, inference.finish_encode = run_batches, finish
     try:
         _sync()
         start = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
@@ -84,6 +96,7 @@ def _timeline(model, docs, kw) -> str:
         total = now()
     finally:
         inference._direct_chunk, inference._encode_packed, inference._replaying = orig_chunk, orig_runner, orig_replay
+        inference._run_batches, inference.finish_encode = orig_run_batches, orig_finish
     lines = [f"timeline of one fastst encode call: {total:.0f} ms"]
     gpu_done = iter([start.elapsed_time(e) if (start is not None and e is not None) else float("nan") for e in events])
     for name, a, b, what in sorted(rows, key=lambda r: r[1]):
@@ -92,12 +105,54 @@ def _timeline(model, docs, kw) -> str:
     return "\n".join(lines)
 
 
+def _kernel_table(model, transformer, docs, out) -> None:
+    """One full token-budget batch (16k tokens) through the packed encoder, eagerly, under
+    torch.profiler: where the GPU time of a batch goes, kernel by kernel; plus the graph replay's
+    time per batch for comparison."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastst_plugin import inference
+    from fastst_plugin.api import get_state
+
+    encoder = get_state(model).encoder
+    tok = inference._DirectTokenizer.for_call(transformer, {})
+    flat = inference._Flat(tok(docs[:400], None), False, True)
+    a, b = inference.budget_batches(torch.from_numpy(flat.lengths), inference.MAX_BATCH_TOKENS)[0]
+    hp = flat.pack(a, b)
+    device = next(encoder.base.parameters()).device
+    p = hp.to(device)
+    with torch.inference_mode():
+        for _ in range(3):
+            encoder.forward_eager(p)
+        eager = _timed(lambda: encoder.forward_eager(p), reps=5)
+        for _ in range(4):
+            inference._encode_packed(encoder, hp)
+        graphed = _timed(lambda: inference._encode_packed(encoder, hp), reps=5)
+        with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                encoder.forward_eager(p)
+            _sync()
+    evs = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in evs) / 5e3
+    print(f"one batch of {int(hp.cu_seqlens[-1])} tokens / {hp.num_seqs} texts: eager {eager:.2f} ms, graphed {graphed:.2f} ms, "
+          f"kernels {busy:.2f} ms ({sum(e.count for e in evs) // 5} launches)", file=out)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=90), file=out)
+
+
+def _write(key: str, out) -> None:
+    text = out.getvalue()
+    print(text, flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), f"profile-encode-{key}.txt"), "w") as f:
+        f.write(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="minilm,bert-base")
     ap.add_argument("--corpus-size", type=int, default=6000)
     ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--kernels-only", action="store_true", help="only the per-kernel table of one 16k-token batch")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,6 +167,12 @@ def main() -> None:
         built = models.build_model(spec, max_seq_length=args.max_seq_length, device=device,
                                    dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         model = built.model.eval()
+        if args.kernels_only:
+            enable_fast(model)
+            _kernel_table(model, built.transformer, docs, out)
+            _write(key, out)
+            del model, built
+            continue
         tok = inference._DirectTokenizer.for_call(built.transformer, {})
         for threads in (1, 4, 8, 16):
             pool = ThreadPoolExecutor(threads) if threads > 1 else None
@@ -156,10 +217,8 @@ def main() -> None:
             busy = sum(e.self_device_time_total for e in evs) / 1e3
             print(f"{key}: GPU kernel time {busy:.0f} ms, {sum(e.count for e in evs)} kernels", file=out)
             print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=out)
-        text = out.getvalue()
-        print(text, flush=True)
-        with open(os.path.join(os.environ.get("OUT", "."), f"profile-encode-{key}.txt"), "w") as f:
-            f.write(text)
+            _kernel_table(model, built.transformer, docs, out)
+        _write(key, out)
         del model, built
         torch.cuda.empty_cache() if device == "cuda" else None
 

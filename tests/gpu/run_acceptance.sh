@@ -15,6 +15,8 @@
 #                                             256 with selective / per-layer checkpointing
 #   bash tests/gpu/run_acceptance.sh cached   CachedMNRL at 1,024 pairs: bf16 gradients vs MNRL, stock and
 #                                             fastst at mini-batch 64, fastst at 256, plain MNRL
+#   bash tests/gpu/run_acceptance.sh infer    encode checks, the encode cells (stock, fastst) and predict, the
+#                                             host timeline (MiniLM, bert-base), one batch's kernels per model
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -86,6 +88,17 @@ cached)  # issue #8's CachedMNRL cell: correctness, then cached (stock, fastst) 
     --contenders fastst --loss cached-mnrl --mini-batch-size 256 --out $R/cached --append >> $R/cached.log 2>&1
   timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
     --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  ;;
+infer)  # issue #7 after the two-thread tokenization pipeline and finish_encode: outputs vs stock, the
+        # encode cells (stock, fastst), predict, the host timeline and one batch's kernels per model
+  stage encode-checks; OUT=$R timeout 90 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
+  stage encode;  timeout 230 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 210 > $R/encode.log 2>&1
+  stage predict; timeout 60 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
+    --repeats 2 --out $R/predict > $R/predict.log 2>&1
+  stage profile; PROFILE_STOCK=0 OUT=$R timeout 90 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
+  stage kernels; OUT=$R timeout 80 python3 tests/gpu/profile_encode.py --kernels-only \
+    --models bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b > $R/kernels.log 2>&1
   ;;
 esac
 stage done
