@@ -126,9 +126,14 @@ def varlen_attention(
     """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = choose_backend(backend, q, window, dropout_p, k, cu_seqlens, max_seqlen)
-    if name != "triton":
-        # The Triton kernel reads q/k/v as strided views of the fused QKV projection; the others
-        # get dense copies (a no-op for tensors that already are).
+    if name in ("torch_varlen", "flash_attn"):
+        # FlashAttention reads rows and heads by stride: the views of the fused QKV projection need
+        # only a unit stride on the head dimension (copying them cost ~14 % of an inference batch's
+        # GPU time, measured on an H200: three copies per layer).
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    elif name != "triton":
+        # The Triton kernel reads q/k/v as strided views too; the others get dense copies (a no-op
+        # for tensors that already are).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if dropout_p and name != "sdpa" and name != "reference":
         warn_once(f"attention-probability dropout (p={dropout_p}) is not applied by the {name} kernel; hidden dropout is")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import weakref
 
+import numpy as np
 import torch
 
 from .log import logger, warn_once
@@ -158,47 +159,43 @@ class _StaticBatch:
         )
 
     def fill(self, hp: HostPack, pad_token_id: int) -> None:
-        """Copy a host pack into the static inputs, padding with dummy sequences (host work only)."""
-        t, n, cap = int(hp.cu_seqlens[-1]), hp.num_seqs, self.max_seqlen
-        extra = self.t_b - t
-        dummy_lengths = [cap] * (extra // cap) + ([extra % cap] if extra % cap else [])
-        ids = torch.full((self.t_b,), pad_token_id, dtype=torch.long)
-        ids[:t] = hp.input_ids
-        pos = torch.empty(self.t_b, dtype=torch.long)
-        pos[:t] = hp.position_ids
-        cu = torch.empty(self.n_b + 1, dtype=torch.int32)
-        cu[: n + 1] = hp.cu_seqlens
-        offset, k = t, n
-        for length in dummy_lengths:
-            pos[offset : offset + length] = torch.arange(length)
-            offset += length
-            k += 1
-            cu[k] = offset
-        cu[k + 1 :] = self.t_b
-        # Segment ids: the real tokens' come with the host pack; each dummy sequence is one block.
-        seq = torch.empty(self.t_b, dtype=torch.long)
-        seq[:t] = hp.seq_idx
-        offset = t
-        for j, length in enumerate(dummy_lengths):
-            seq[offset : offset + length] = n + j
-            offset += length
-        # One pinned staging tensor, one queued host-to-device copy (a pageable copy would make the
-        # host wait for the GPU, see packing.host_to_device), then device-side copies into the
-        # static inputs.
-        rows = [ids, pos, seq * cap + pos, cu.to(torch.long)]
-        if self.token_type_ids is not None:
-            tt = torch.zeros(self.t_b, dtype=torch.long)
-            if hp.token_type_ids is not None:
-                tt[:t] = hp.token_type_ids
-            rows.append(tt)
-        staged = host_to_device(torch.cat(rows), self.input_ids.device)
-        parts = staged.split([r.numel() for r in rows])
-        self.input_ids.copy_(parts[0])
-        self.position_ids.copy_(parts[1])
-        self.pad_index.copy_(parts[2])
-        self.cu_seqlens.copy_(parts[3])
-        if self.token_type_ids is not None:
-            self.token_type_ids.copy_(parts[4])
+        """Copy a host pack into the static inputs, padding with dummy sequences.
+
+        The host side is numpy writes into one staging tensor (pinned on CUDA: the copy is queued,
+        the host never waits for the GPU, see packing.host_to_device), then one host-to-device copy
+        and device-side copies into the static inputs. Few torch calls on purpose: each one releases
+        and re-takes the GIL, and while the tokenizer threads hold it every re-take can wait."""
+        t, n, cap, t_b, n_b = int(hp.cu_seqlens[-1]), hp.num_seqs, self.max_seqlen, self.t_b, self.n_b
+        extra = t_b - t
+        n_dummy = -(-extra // cap)  # full-length dummy sequences, then the remainder
+        with_tt = self.token_type_ids is not None
+        device = self.input_ids.device
+        staged = torch.empty((3 + with_tt) * t_b + n_b + 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        buf = staged.numpy()
+        ids, pos, pad_index = buf[:t_b], buf[t_b : 2 * t_b], buf[2 * t_b : 3 * t_b]
+        ids[:t] = hp.input_ids.numpy()
+        ids[t:] = pad_token_id
+        pos[:t] = hp.position_ids.numpy()
+        tail = np.arange(extra, dtype=np.int64)
+        pos[t:] = tail % cap
+        # flat index into a right-padded [n_b, cap] layout; dummy sequence j is segment n + j
+        pad_index[:t] = hp.seq_idx.numpy() * cap + pos[:t]
+        pad_index[t:] = n * cap + tail
+        cu = buf[3 * t_b : 3 * t_b + n_b + 1]
+        cu[: n + 1] = hp.cu_seqlens.numpy()
+        cu[n + 1 : n + 1 + n_dummy] = t + np.minimum(np.arange(1, n_dummy + 1, dtype=np.int64) * cap, extra)
+        cu[n + 1 + n_dummy :] = t_b
+        if with_tt:
+            tt = buf[3 * t_b + n_b + 1 :]
+            tt[:t] = hp.token_type_ids.numpy() if hp.token_type_ids is not None else 0
+            tt[t:] = 0
+        staged = staged.to(device, non_blocking=True)
+        self.input_ids.copy_(staged[:t_b])
+        self.position_ids.copy_(staged[t_b : 2 * t_b])
+        self.pad_index.copy_(staged[2 * t_b : 3 * t_b])
+        self.cu_seqlens.copy_(staged[3 * t_b : 3 * t_b + n_b + 1])
+        if with_tt:
+            self.token_type_ids.copy_(staged[3 * t_b + n_b + 1 :])
 
     def fits(self, hp: HostPack) -> bool:
         t = int(hp.cu_seqlens[-1])

@@ -385,6 +385,25 @@ def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch
     assert not [t for t in threading.enumerate() if t.name.startswith("fastst-")]
 
 
+def test_gil_switch_interval_is_short_during_the_pipeline_only(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(inference, "SMALL_CALL", 0)
+    model = save_tiny(tmp_path, "bert")
+    fastst_plugin.enable_fast(model, kernels="torch")
+    before, seen = sys.getswitchinterval(), []
+    original = inference._direct_chunk
+
+    def spy(*args):
+        seen.append(sys.getswitchinterval())
+        return original(*args)
+
+    monkeypatch.setattr(inference, "_direct_chunk", spy)
+    model.encode(TEXTS)
+    assert seen and all(v <= inference.GIL_SWITCH_INTERVAL for v in seen)
+    assert sys.getswitchinterval() == before
+
+
 def test_budget_batches():
     lengths = torch.tensor([5, 5, 4, 3, 3, 1])
     assert inference.budget_batches(lengths, 10) == [(0, 2), (2, 5), (5, 6)]

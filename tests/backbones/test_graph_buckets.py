@@ -44,6 +44,47 @@ def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
 
 
+def _fill_reference(static, hp, pad_token_id):
+    """The static inputs a bucket must hold, written the plain way (one dummy sequence at a time)."""
+    t, n, cap = int(hp.cu_seqlens[-1]), hp.num_seqs, static.max_seqlen
+    extra = static.t_b - t
+    dummy = [cap] * (extra // cap) + ([extra % cap] if extra % cap else [])
+    ids = torch.full((static.t_b,), pad_token_id, dtype=torch.long)
+    ids[:t] = hp.input_ids
+    pos, seq = torch.empty(static.t_b, dtype=torch.long), torch.empty(static.t_b, dtype=torch.long)
+    pos[:t], seq[:t] = hp.position_ids, hp.seq_idx
+    cu = torch.full((static.n_b + 1,), static.t_b, dtype=torch.int32)
+    cu[: n + 1] = hp.cu_seqlens
+    offset = t
+    for j, length in enumerate(dummy):
+        pos[offset : offset + length] = torch.arange(length)
+        seq[offset : offset + length] = n + j
+        offset += length
+        cu[n + 1 + j] = offset
+    tt = torch.zeros(static.t_b, dtype=torch.long)
+    if hp.token_type_ids is not None:
+        tt[:t] = hp.token_type_ids
+    return ids, pos, seq * cap + pos, cu, tt
+
+
+def test_fill_writes_every_static_input():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        lengths = torch.randint(1, 17, (n,), generator=gen)
+        mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(5, 100, (n, 16), generator=gen) * mask
+        tt = torch.randint(0, 2, (n, 16), generator=gen) * mask if trial % 2 else None
+        hp = host_pack(ids, mask, tt)
+        t = int(hp.cu_seqlens[-1])
+        static = _StaticBatch(bucket_tokens(t), bucket_seqs(n + bucket_tokens(t) // 16 + 2), 16, torch.device("cpu"), True)
+        static.fill(hp, 3)
+        want = _fill_reference(static, hp, 3)
+        got = (static.input_ids, static.position_ids, static.pad_index, static.cu_seqlens, static.token_type_ids)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w.to(g.dtype)), trial
+
+
 def _graphed(model):
     from fastst_plugin.graphs import GraphedEncoder
 
@@ -101,3 +142,17 @@ def test_nothing_is_captured_inside_a_backward_pass(tmp_path):
     assert results == [None] and captured == []
     assert graphed._get_or_capture(key, hp, torch.device("cpu")) == "captured" and captured == [key]
     assert graphed._get_or_capture(key, hp, torch.device("cpu")) == "captured" and len(captured) == 1
+
+
+def test_host_pack_moves_in_one_staging_copy():
+    """HostPack.to on CUDA stages every integer field in one buffer (here run with the CPU as the
+    target): same values, dtypes and shapes as field-by-field copies."""
+    from fastst_plugin.packing import _to_cuda_at_once
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    hp = host_pack(torch.arange(12).view(3, 4) * mask, mask, torch.ones(3, 4, dtype=torch.long) * mask)
+    tensors = {k: v for k, v in vars(hp).items() if isinstance(v, torch.Tensor)}
+    moved = _to_cuda_at_once(tensors, "cpu")
+    assert moved.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert moved[k].dtype == v.dtype and moved[k].shape == v.shape and torch.equal(moved[k], v), k

@@ -139,10 +139,10 @@ def _kernel_table(model, transformer, docs, out) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=90), file=out)
 
 
-def _write(key: str, out) -> None:
+def _write(name: str, out) -> None:
     text = out.getvalue()
     print(text, flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), f"profile-encode-{key}.txt"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), f"profile-encode-{name}.txt"), "w") as f:
         f.write(text)
 
 
@@ -170,7 +170,7 @@ def main() -> None:
         if args.kernels_only:
             enable_fast(model)
             _kernel_table(model, built.transformer, docs, out)
-            _write(key, out)
+            _write(f"kernels-{key}", out)
             del model, built
             continue
         tok = inference._DirectTokenizer.for_call(built.transformer, {})

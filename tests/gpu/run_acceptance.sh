@@ -100,6 +100,15 @@ infer)  # issue #7 after the two-thread tokenization pipeline and finish_encode:
   stage kernels; OUT=$R timeout 80 python3 tests/gpu/profile_encode.py --kernels-only \
     --models bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b > $R/kernels.log 2>&1
   ;;
+infer2)  # the same after the GIL / staging / strided-attention changes, with training parity (attention)
+  stage parity;  OUT=$R timeout 130 python3 tests/gpu/gpu_checks.py parity bert-base qwen3-0.6b > $R/parity.log 2>&1
+  stage encode-checks; OUT=$R timeout 80 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
+  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
+  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
+    --repeats 2 --out $R/predict > $R/predict.log 2>&1
+  stage profile; PROFILE_STOCK=0 OUT=$R timeout 75 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
+  ;;
 esac
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
