@@ -53,14 +53,14 @@ from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack, host_to_dev
 # A packed inference batch holds at most this many tokens: enough to keep an H100/H200 busy (larger
 # batches gain little) while the activations of one batch stay small.
 MAX_BATCH_TOKENS = 16384
-# Texts per tokenization chunk: the first is small so the GPU starts early (the longest texts come
-# first), each next one four times larger up to CHUNK, large enough for the tokenizer's thread pool
-# to spread.
+# Texts per tokenization chunk: the first is small so the GPU starts at once, each next one four
+# times larger up to CHUNK: small enough that the GPU is fed steadily, large enough for the
+# tokenizer's thread pool to spread (a chunk's last, part-full batch is topped up by the next chunk).
 FIRST_CHUNK = 64
-CHUNK = 2048
+CHUNK = 512
 # Chunks in flight ahead of the GPU (tokenized or being tokenized / packed): bounds host memory
 # (a chunk's encodings hold a few KB per text) while keeping both worker threads busy.
-AHEAD = 3
+AHEAD = 4
 # The sample check skips texts longer than this many characters per token of max_seq_length (see
 # ``_sample_rows``): 16 characters per token is well past any tokenizer's truncation point (English
 # runs at ~4-5 characters per token), while the check's stock preprocess stays a few milliseconds.
@@ -357,13 +357,22 @@ class _Flat:
         )
 
 
-def _direct_chunk(encodings: list, rows: np.ndarray, with_tt: bool, single_texts: bool, budget: int):
-    """Packing thread, direct tokenization: the Rust backend's encodings -> flat ids -> packed batches."""
+def _direct_chunk(encodings: list, rows: np.ndarray, with_tt: bool, single_texts: bool, budget: int, hold_last: bool = False):
+    """Packing thread, direct tokenization: the Rust backend's encodings -> flat ids -> packed batches.
+
+    Returns ``(batches, held)``. With ``hold_last`` the last batch (usually part-full) is not packed
+    but handed back as ``held = (encodings, rows)``, to be topped up with the next chunk's texts:
+    chunk boundaries then cost no part-full batches (each one a launch and often a graph bucket of
+    its own)."""
     flat = _Flat(encodings, with_tt, single_texts)
     if len(encodings) and int(flat.lengths.min()) == 0:
         raise _NotCovered("a text without tokens")
-    lengths = torch.from_numpy(flat.lengths)
-    return [(torch.from_numpy(rows[a:b].astype(np.int64)), flat.pack(a, b)) for a, b in budget_batches(lengths, budget)]
+    ranges = budget_batches(torch.from_numpy(flat.lengths), budget)
+    held = ([], rows[:0])
+    if hold_last and ranges:
+        a, b = ranges.pop()
+        held = (list(encodings[a:b]), rows[a:b])
+    return [(torch.from_numpy(rows[a:b].astype(np.int64)), flat.pack(a, b)) for a, b in ranges], held
 
 
 def _all_single(items: list) -> bool:
@@ -592,18 +601,23 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
     with _prompt_gil_handoff(), _ChunkPipeline(chunks, threads) as pipe:
         if tokenize is not None:
             single = _all_single(unique)
+            held: tuple = ([], order[:0])  # texts of the previous chunk's last, part-full batch
 
             def encode(chunk):
                 return tokenize([unique[i] for i in chunk], prompt, pipe.fanout)
 
-            def pack(chunk, encodings):
-                return _direct_chunk(encodings, chunk, with_tt, single, budget)
+            def pack(chunk, encodings, last):
+                nonlocal held
+                if len(held[1]):
+                    encodings, chunk = held[0] + list(encodings), np.concatenate([held[1], chunk])
+                batches, held = _direct_chunk(encodings, chunk, with_tt, single, budget, hold_last=not last)
+                return batches
         else:
 
             def encode(chunk):
                 return stock_preprocess([unique[i] for i in chunk], prompt=prompt, **kwargs)
 
-            def pack(chunk, features):
+            def pack(chunk, features, last):
                 return _pack_chunk(features, chunk, budget, check_hp)
 
         return _run_batches(model, len(unique), pipe.results(encode, pack), run_batch, prompt_length, to_cpu)
@@ -665,13 +679,13 @@ class _ChunkPipeline:
         self.fanout = ThreadPoolExecutor(max_workers=fanout_threads, thread_name_prefix="fastst-tokenize-piece") if fanout_threads > 1 else None
 
     def results(self, encode: Callable, pack: Callable):
-        """``pack(chunk, encode(chunk))`` for every chunk, in order."""
+        """``pack(chunk, encode(chunk), is_last_chunk)`` for every chunk, in order."""
         pending: list = []
 
         def submit(k: int):
-            chunk = self.chunks[k]
+            chunk, last = self.chunks[k], k == len(self.chunks) - 1
             encoded = self.tokenizing.submit(encode, chunk)
-            pending.append(self.packing.submit(lambda: pack(chunk, encoded.result())))
+            pending.append(self.packing.submit(lambda: pack(chunk, encoded.result(), last)))
 
         for k in range(min(AHEAD, len(self.chunks))):
             submit(k)

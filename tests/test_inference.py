@@ -369,11 +369,11 @@ def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch
     fastst_plugin.enable_fast(model, kernels="torch")
     original, seen = inference._direct_chunk, []
 
-    def flaky(encodings, rows, *args):
+    def flaky(encodings, rows, *args, **kwargs):
         seen.append(len(rows))
         if len(seen) == 3:
             raise inference._NotCovered("test") if failure == "not covered" else RuntimeError("tokenizer broke")
-        return original(encodings, rows, *args)
+        return original(encodings, rows, *args, **kwargs)
 
     monkeypatch.setattr(inference, "_direct_chunk", flaky)
     if failure == "not covered":
@@ -385,6 +385,35 @@ def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch
     assert not [t for t in threading.enumerate() if t.name.startswith("fastst-")]
 
 
+def test_chunk_boundaries_cost_no_part_full_batches(tmp_path, monkeypatch):
+    """Each chunk's last batch is topped up by the next chunk: the batches are exactly the greedy
+    token-budget cut of the whole call (only the very last one part-full)."""
+    monkeypatch.setattr(inference, "SMALL_CALL", 0)
+    monkeypatch.setattr(inference, "FIRST_CHUNK", 2)
+    monkeypatch.setattr(inference, "CHUNK", 3)
+    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+    model = save_tiny(tmp_path, "bert")
+    model.eval()
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(23)]
+    ref = model.encode(texts, batch_size=2)
+    fastst_plugin.enable_fast(model, kernels="torch")
+    emitted, original = [], inference._direct_chunk
+
+    def spy(*args, **kwargs):
+        batches, held = original(*args, **kwargs)
+        emitted.extend(hp.lengths for _, hp in batches)
+        return batches, held
+
+    monkeypatch.setattr(inference, "_direct_chunk", spy)
+    out = model.encode(texts, batch_size=2)
+    assert _cos_min(out, ref) >= 0.99999
+    lengths = torch.cat(emitted)
+    assert len(lengths) == len(texts)
+    budget = inference.token_budget(2, model.max_seq_length)
+    want = [b - a for a, b in inference.budget_batches(lengths, budget)]
+    assert [len(x) for x in emitted] == want
+
+
 def test_gil_switch_interval_is_short_during_the_pipeline_only(tmp_path, monkeypatch):
     import sys
 
@@ -394,9 +423,9 @@ def test_gil_switch_interval_is_short_during_the_pipeline_only(tmp_path, monkeyp
     before, seen = sys.getswitchinterval(), []
     original = inference._direct_chunk
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append(sys.getswitchinterval())
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(inference, "_direct_chunk", spy)
     model.encode(TEXTS)

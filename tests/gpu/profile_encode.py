@@ -66,7 +66,7 @@ def _timeline(model, docs, kw) -> str:
     def chunk(*a, **k):
         s = now()
         r = orig_chunk(*a, **k)
-        rows.append(("pack chunk", s, now(), f"{len(a[1])} texts, {len(r)} batches"))
+        rows.append(("pack chunk", s, now(), f"{len(a[1])} texts, {len(r[0])} batches, {len(r[1][1])} texts held"))
         return r
 
     def runner(encoder, hp):

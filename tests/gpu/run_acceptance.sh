@@ -109,6 +109,14 @@ infer2)  # the same after the GIL / staging / strided-attention changes, with tr
     --repeats 2 --out $R/predict > $R/predict.log 2>&1
   stage profile; PROFILE_STOCK=0 OUT=$R timeout 75 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
   ;;
+infer3)  # after the held part-full batches (chunks of 64 / 256 / 512 texts): outputs, the cells, where time goes
+  stage encode-checks; OUT=$R timeout 80 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
+  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
+  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
+    --repeats 2 --out $R/predict > $R/predict.log 2>&1
+  stage profile; PROFILE_STOCK=0 OUT=$R timeout 60 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b > $R/profile-encode.log 2>&1
+  ;;
 esac
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
