@@ -159,6 +159,9 @@ def main() -> None:
     from fastst_plugin import enable_fast, inference
     from fastst_plugin.bench import data, models
 
+    if os.environ.get("FASTST_PROFILE_CHUNK"):  # A/B of the tokenization chunk size on one machine
+        inference.CHUNK = int(os.environ["FASTST_PROFILE_CHUNK"])
+
     docs = data.corpus(data.load_pairs(), args.corpus_size, long_docs=False, max_seq_length=args.max_seq_length)
     print(f"cpus {len(os.sched_getaffinity(0))}, TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM')}", flush=True)
     for key in args.models.split(","):

@@ -117,6 +117,16 @@ infer3)  # after the held part-full batches (chunks of 64 / 256 / 512 texts): ou
     --repeats 2 --out $R/predict > $R/predict.log 2>&1
   stage profile; PROFILE_STOCK=0 OUT=$R timeout 60 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b > $R/profile-encode.log 2>&1
   ;;
+infer4)  # chunks of up to 2,048 texts with held batches: the cells, then a same-machine A/B of the chunk size
+  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
+  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
+    --repeats 2 --out $R/predict > $R/predict.log 2>&1
+  for c in 512 2048; do stage chunk-$c; mkdir -p $R/chunk-$c
+    FASTST_PROFILE_CHUNK=$c PROFILE_STOCK=0 OUT=$R/chunk-$c timeout 75 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b \
+      > $R/chunk-$c/profile.log 2>&1; done
+  grep -h "fastst .* ms (numpy out)" $R/chunk-*/profile-encode-*.txt >> $R/timeline.txt
+  ;;
 esac
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
