@@ -201,6 +201,10 @@ def main() -> None:
         print(f"{key}: stock {stock_ms:.0f} ms, fastst {fast_ms:.0f} ms (numpy out), {fast_t_ms:.0f} ms (tensor out): "
               f"{stock_ms / fast_ms:.2f}x", file=out)
         print(_timeline(model, docs, kw), file=out)
+        if os.environ.get("PROFILE_QUICK") == "1":  # timings and the timeline only
+            _write(key, out)
+            del model, built
+            continue
         prof = cProfile.Profile()
         _sync()
         prof.enable()

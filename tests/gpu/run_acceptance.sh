@@ -123,7 +123,7 @@ infer4)  # chunks of up to 2,048 texts with held batches: the cells, then a same
   stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
     --repeats 2 --out $R/predict > $R/predict.log 2>&1
   for c in 512 2048; do stage chunk-$c; mkdir -p $R/chunk-$c
-    FASTST_PROFILE_CHUNK=$c PROFILE_STOCK=0 OUT=$R/chunk-$c timeout 75 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b \
+    FASTST_PROFILE_CHUNK=$c PROFILE_QUICK=1 PROFILE_STOCK=0 OUT=$R/chunk-$c timeout 80 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b \
       > $R/chunk-$c/profile.log 2>&1; done
   grep -h "fastst .* ms (numpy out)" $R/chunk-*/profile-encode-*.txt >> $R/timeline.txt
   ;;
