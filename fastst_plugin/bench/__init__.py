@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--fastst-opt", action="append", type=_kv, default=[], metavar="KEY=VALUE", help="extra enable_fast option (repeatable)")
         t = sp.add_argument_group("timing")
         t.add_argument("--steps", type=int, default=None, help="timed steps per repetition (train; default 10)")
-        t.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps / passes (default 3 train, 1 encode)")
+        t.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps / passes (default 3 train, 2 encode)")
         t.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 3)")
         t.add_argument("--sequential", action="store_true", help="never keep two contenders' models alive at once")
         t.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled step (GPU busy %%, kernel count)")
@@ -126,7 +126,11 @@ def _finalize(opts) -> None:
     opts.max_seq_length = _int_list(opts.max_seq_length or ("256" if w == "train" else "512"))
     opts.batch_size = _int_list(opts.batch_size or ("64" if w == "train" else "128"))
     opts.steps = opts.steps or 10
-    opts.warmup = (3 if w == "train" else 1) if opts.warmup is None else opts.warmup
+    # encode: two whole-corpus passes. fastst captures an inference graph bucket on its second
+    # sighting, so a bucket met once per call (a call's first or last batch) is captured in the
+    # second call: with one warm-up pass that capture landed in the first timed repetition
+    # (measured on an H200: bert-base 410 vs 318 ms, Qwen3-0.6B 1,884 vs 1,374 ms).
+    opts.warmup = (3 if w == "train" else 2) if opts.warmup is None else opts.warmup
     opts.repeats = opts.repeats or 3
     if w == "train":
         opts.api = "-"

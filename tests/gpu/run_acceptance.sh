@@ -127,6 +127,13 @@ infer4)  # chunks of up to 2,048 texts with held batches: the cells, then a same
       > $R/chunk-$c/profile.log 2>&1; done
   grep -h "fastst .* ms (numpy out)" $R/chunk-*/profile-encode-*.txt >> $R/timeline.txt
   ;;
+infer5)  # issue #7's cells in steady state (two warm-up passes per contender)
+  stage encode;  timeout 260 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 240 > $R/encode.log 2>&1
+  stage predict; timeout 60 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
+    --repeats 2 --out $R/predict > $R/predict.log 2>&1
+  grep -h "rep [12]/2" $R/encode.log $R/predict.log >> $R/timeline.txt
+  ;;
 esac
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
