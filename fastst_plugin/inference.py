@@ -486,6 +486,10 @@ def finish_encode(model, bound: inspect.BoundArguments, table: torch.Tensor, ite
     ``NotImplemented``: stock's method replays the rows and handles it."""
     import logging
 
+    from sentence_transformers import SentenceTransformer
+
+    if getattr(type(model), "encode", None) is not SentenceTransformer.encode:
+        return NotImplemented  # a subclass with its own encode: its code handles the rows
     a = bound.arguments
     if a.get("output_value", "sentence_embedding") != "sentence_embedding" or a.get("precision", "float32") not in (None, "float32"):
         return NotImplemented

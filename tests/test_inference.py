@@ -43,14 +43,11 @@ def _one_torch_thread():
 
 @pytest.fixture(params=["small", "chunked"])
 def pipeline(request, monkeypatch):
-    """Both shapes of a call: "small" (one stock preprocess, main thread) and "chunked" (tokenized on
-    the worker thread in several chunks, each split over two threads, direct tokenization, several
-    packed batches per chunk)."""
+    """Both shapes of a call: "small" (one stock preprocess, main thread) and "chunked" (tokenized and
+    packed on the worker threads in several chunks, each split over two tokenizing threads, direct
+    tokenization, batches held across chunk boundaries)."""
     if request.param == "chunked":
-        monkeypatch.setattr(inference, "SMALL_CALL", 0)
-        monkeypatch.setattr(inference, "FIRST_CHUNK", 2)
-        monkeypatch.setattr(inference, "CHUNK", 3)
-        monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+        _tiny_chunks(monkeypatch)
         monkeypatch.setattr(inference, "MIN_PIECE", 1)  # chunks tokenized in concurrent pieces
         monkeypatch.setattr(inference, "_fanout_threads", lambda: 2)
     return request.param
@@ -94,6 +91,14 @@ def _cos_min(a, b) -> float:
         np.asarray(b) if not isinstance(b, torch.Tensor) else b
     )
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
+
+
+def _tiny_chunks(monkeypatch, first: int = 2, chunk: int = 3, batch_tokens: int = 40) -> None:
+    """Every call through the chunked pipeline, in chunks and batches of a few texts."""
+    monkeypatch.setattr(inference, "SMALL_CALL", 0)
+    monkeypatch.setattr(inference, "FIRST_CHUNK", first)
+    monkeypatch.setattr(inference, "CHUNK", chunk)
+    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", batch_tokens)
 
 
 # ----------------------------------------------------------------------------------------- encode
@@ -262,6 +267,26 @@ def test_encode_finish_equals_stock_replay(tmp_path, dtype):
     assert got.shape == ref.shape == (len(TEXTS), 4) and np.array_equal(got, ref)
 
 
+def test_encode_finish_leaves_a_subclass_encode_alone(tmp_path):
+    """A SentenceTransformer subclass with its own encode keeps its post-processing: the rows are
+    replayed through its code, not finished directly."""
+    from sentence_transformers import SentenceTransformer
+
+    class Scaled(SentenceTransformer):
+        def encode(self, *args, **kwargs):
+            return 2 * super().encode(*args, **kwargs)
+
+    model = save_tiny(tmp_path, "bert")
+    model.__class__ = Scaled
+    model.eval()
+    ref = model.encode(TEXTS)
+    fastst_plugin.enable_fast(model, kernels="torch")
+    assert inference.finish_encode(model, None, None, [], False) is NotImplemented
+    out = model.encode(TEXTS)
+    assert out.shape == ref.shape and _cos_min(out, ref) >= 0.99999
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
+
+
 def test_token_embeddings_and_all_outputs_run_stock(tmp_path, fast_calls):
     model = save_tiny(tmp_path, "modernbert")
     model.eval()
@@ -332,10 +357,7 @@ def test_chunked_copy_back(tmp_path, monkeypatch, fast_calls):
     monkeypatch.setattr(inference, "_copies_back_async", lambda device: True)
     monkeypatch.setattr(inference, "_pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(inference, "_record_event", Event)
-    monkeypatch.setattr(inference, "SMALL_CALL", 0)
-    monkeypatch.setattr(inference, "FIRST_CHUNK", 2)
-    monkeypatch.setattr(inference, "CHUNK", 3)
-    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+    _tiny_chunks(monkeypatch)
     model = save_tiny(tmp_path, "bert")
     model.eval()
     ref = model.encode(TEXTS, batch_size=2)
@@ -359,10 +381,7 @@ def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch
     joined before the call returns."""
     import threading
 
-    monkeypatch.setattr(inference, "SMALL_CALL", 0)
-    monkeypatch.setattr(inference, "FIRST_CHUNK", 1)
-    monkeypatch.setattr(inference, "CHUNK", 1)
-    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+    _tiny_chunks(monkeypatch, first=1, chunk=1)
     model = save_tiny(tmp_path, "bert")
     model.eval()
     ref = model.encode(TEXTS)
@@ -388,10 +407,7 @@ def test_pipeline_failure_mid_call_leaves_no_thread_behind(tmp_path, monkeypatch
 def test_chunk_boundaries_cost_no_part_full_batches(tmp_path, monkeypatch):
     """Each chunk's last batch is topped up by the next chunk: the batches are exactly the greedy
     token-budget cut of the whole call (only the very last one part-full)."""
-    monkeypatch.setattr(inference, "SMALL_CALL", 0)
-    monkeypatch.setattr(inference, "FIRST_CHUNK", 2)
-    monkeypatch.setattr(inference, "CHUNK", 3)
-    monkeypatch.setattr(inference, "MAX_BATCH_TOKENS", 40)
+    _tiny_chunks(monkeypatch)
     model = save_tiny(tmp_path, "bert")
     model.eval()
     texts = [f"text number {i} " + "word " * (i % 7) for i in range(23)]

@@ -16,7 +16,7 @@
 #   bash tests/gpu/run_acceptance.sh cached   CachedMNRL at 1,024 pairs: bf16 gradients vs MNRL, stock and
 #                                             fastst at mini-batch 64, fastst at 256, plain MNRL
 #   bash tests/gpu/run_acceptance.sh infer    encode checks, the encode cells (stock, fastst) and predict, the
-#                                             host timeline (MiniLM, bert-base), one batch's kernels per model
+#                                             host timeline and one batch's kernels (MiniLM, bert-base)
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -89,50 +89,15 @@ cached)  # issue #8's CachedMNRL cell: correctness, then cached (stock, fastst) 
   timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
     --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
   ;;
-infer)  # issue #7 after the two-thread tokenization pipeline and finish_encode: outputs vs stock, the
-        # encode cells (stock, fastst), predict, the host timeline and one batch's kernels per model
-  stage encode-checks; OUT=$R timeout 90 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
-  stage encode;  timeout 230 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 210 > $R/encode.log 2>&1
-  stage predict; timeout 60 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
-    --repeats 2 --out $R/predict > $R/predict.log 2>&1
-  stage profile; PROFILE_STOCK=0 OUT=$R timeout 90 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
-  stage kernels; OUT=$R timeout 80 python3 tests/gpu/profile_encode.py --kernels-only \
-    --models bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b > $R/kernels.log 2>&1
-  ;;
-infer2)  # the same after the GIL / staging / strided-attention changes, with training parity (attention)
-  stage parity;  OUT=$R timeout 130 python3 tests/gpu/gpu_checks.py parity bert-base qwen3-0.6b > $R/parity.log 2>&1
+infer)  # issue #7: outputs vs stock, the encode cells (stock, fastst; steady state after two warm-up
+        # passes) and predict, then the host timeline and one batch's kernels (MiniLM, bert-base)
   stage encode-checks; OUT=$R timeout 80 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
-  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
-  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
-    --repeats 2 --out $R/predict > $R/predict.log 2>&1
-  stage profile; PROFILE_STOCK=0 OUT=$R timeout 75 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
-  ;;
-infer3)  # after the held part-full batches (chunks of 64 / 256 / 512 texts): outputs, the cells, where time goes
-  stage encode-checks; OUT=$R timeout 80 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
-  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
-  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
-    --repeats 2 --out $R/predict > $R/predict.log 2>&1
-  stage profile; PROFILE_STOCK=0 OUT=$R timeout 60 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b > $R/profile-encode.log 2>&1
-  ;;
-infer4)  # chunks of up to 2,048 texts with held batches: the cells, then a same-machine A/B of the chunk size
-  stage encode;  timeout 210 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 190 > $R/encode.log 2>&1
-  stage predict; timeout 50 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
-    --repeats 2 --out $R/predict > $R/predict.log 2>&1
-  for c in 512 2048; do stage chunk-$c; mkdir -p $R/chunk-$c
-    FASTST_PROFILE_CHUNK=$c PROFILE_QUICK=1 PROFILE_STOCK=0 OUT=$R/chunk-$c timeout 80 python3 tests/gpu/profile_encode.py --models bert-base,qwen3-0.6b \
-      > $R/chunk-$c/profile.log 2>&1; done
-  grep -h "fastst .* ms (numpy out)" $R/chunk-*/profile-encode-*.txt >> $R/timeline.txt
-  ;;
-infer5)  # issue #7's cells in steady state (two warm-up passes per contender)
-  stage encode;  timeout 260 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 240 > $R/encode.log 2>&1
+  stage encode;  timeout 250 $B encode --corpus-size 6000 --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --repeats 2 --out $R/encode --time-budget 230 > $R/encode.log 2>&1
   stage predict; timeout 60 $B encode --api predict --models bert-base --corpus-size 6000 --contenders stock,fastst \
     --repeats 2 --out $R/predict > $R/predict.log 2>&1
   grep -h "rep [12]/2" $R/encode.log $R/predict.log >> $R/timeline.txt
+  stage profile; PROFILE_STOCK=0 OUT=$R timeout 70 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
   ;;
 esac
 stage done
