@@ -449,6 +449,22 @@ def test_gil_switch_interval_is_short_during_the_pipeline_only(tmp_path, monkeyp
     assert sys.getswitchinterval() == before
 
 
+def test_gil_switch_interval_survives_overlapping_calls():
+    """Two pipelined calls that overlap (two threads encoding at once): the interval stays short
+    until the last one ends, then comes back to what it was."""
+    import sys
+
+    before = sys.getswitchinterval()
+    first = inference._prompt_gil_handoff()
+    second = inference._prompt_gil_handoff()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() <= inference.GIL_SWITCH_INTERVAL
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
+
+
 def test_budget_batches():
     lengths = torch.tensor([5, 5, 4, 3, 3, 1])
     assert inference.budget_batches(lengths, 10) == [(0, 2), (2, 5), (5, 6)]
