@@ -41,6 +41,7 @@ next attempt).
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import numpy as np
@@ -88,14 +89,23 @@ def _watch_registrations() -> None:
         _REGISTRATION_HOOKS.append(_module.register_module_parameter_registration_hook(_count_registration))
 
 
+def _ddp_graphs() -> bool:
+    """``FASTST_DDP_GRAPHS=1``: capture and replay under a process group too (being measured)."""
+    return os.environ.get("FASTST_DDP_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _capture_mode() -> str:
-    """``thread_local`` under torch.distributed, else torch's default ``global``.
+    """``thread_local`` under torch.distributed, else torch's default ``global``
+    (``FASTST_GRAPH_CAPTURE_MODE`` overrides: global, thread_local, relaxed).
 
     With a process group, NCCL's watchdog thread queries the events of earlier collectives (e.g.
     the last step's gradient all-reduce, DDP's buffer broadcast at this forward) at any moment; in
     ``global`` mode that call, made from another thread while we capture, invalidates the capture.
     ``thread_local`` still rejects every unsafe call made by the capturing thread itself.
     """
+    forced = os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "").strip().lower()
+    if forced in ("global", "thread_local", "relaxed"):
+        return forced
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "thread_local"
     return "global"
@@ -219,7 +229,7 @@ def replays_possible(encoder, device) -> bool:
         return False  # a capture failed: this model runs eagerly
     if torch.is_autocast_enabled("cuda"):
         return False  # autocast's weight cache cannot live across replays
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _ddp_graphs():
         return False  # capture under NCCL failed on the GPU: see the module docstring
     return True
 

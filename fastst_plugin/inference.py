@@ -40,14 +40,13 @@ import contextvars
 import inspect
 import itertools
 import os
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .gil import prompt_gil_handoff
 from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack, host_to_device
 
 # A packed inference batch holds at most this many tokens: enough to keep an H100/H200 busy (larger
@@ -603,7 +602,7 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
     # are tokenized while the GPU works on the short ones. (Batches are cut by tokens either way.)
     chunks = _chunks(order[::-1].copy())
     threads = _fanout_threads() if tokenize is not None and len(order) >= 2 * MIN_PIECE else 1
-    with _prompt_gil_handoff(), _ChunkPipeline(chunks, threads) as pipe:
+    with prompt_gil_handoff(), _ChunkPipeline(chunks, threads) as pipe:
         if tokenize is not None:
             single = _all_single(unique)
             held: tuple = ([], order[:0])  # texts of the previous chunk's last, part-full batch
@@ -626,35 +625,6 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
                 return _pack_chunk(features, chunk, budget, check_hp)
 
         return _run_batches(model, len(unique), pipe.results(encode, pack), run_batch, prompt_length, to_cpu)
-
-
-# Python's GIL switch interval while the pipeline runs (default 5 ms). Every torch call on the GPU
-# thread releases and re-takes the GIL; while the packing thread runs Python, each re-take waited up
-# to the full interval (measured on an H200 host, MiniLM: a batch's launch took 7.6 ms while a chunk
-# was being packed, 1.1 ms after).
-GIL_SWITCH_INTERVAL = 2e-4
-_switch_lock = threading.Lock()
-_switch_users = 0
-_switch_saved = 0.005
-
-
-@contextlib.contextmanager
-def _prompt_gil_handoff():
-    """A short GIL switch interval for the duration of a pipelined call (process-wide, so counted:
-    restored when the last concurrent call ends)."""
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_saved, GIL_SWITCH_INTERVAL))
-        _switch_users += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_saved)
 
 
 def _chunks(rows: np.ndarray) -> list[np.ndarray]:

@@ -54,7 +54,7 @@ import threading
 from collections.abc import Mapping
 
 from .log import logger
-from .patching import PatchSet
+from .patching import _MISSING, PatchSet
 
 _lock = threading.RLock()
 _patches: PatchSet | None = None
@@ -372,6 +372,173 @@ def _wrap_load_from_checkpoint(orig):
 
 
 # --------------------------------------------------------------------------------------------------
+# (e) training steps without host round trips
+
+
+# Collated batches made ahead of the training step on a background thread (0: off).
+PREFETCH_BATCHES = 2
+
+
+def _fast_on_cuda(trainer) -> bool:
+    """Whether ``trainer`` trains a model whose fast forward is installed, on a CUDA device."""
+    model = getattr(trainer, "model", None)
+    if model is None or not _fast_forward_active(_state(model)):
+        return False
+    device = getattr(_unwrap(model), "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
+def _overlap_wanted(trainer) -> bool:
+    """The overlapped step is on for fast models on CUDA unless ``FASTST_TRAINER_OVERLAP=0``."""
+    if os.environ.get("FASTST_TRAINER_OVERLAP", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return _fast_on_cuda(trainer)
+
+
+def _wrap_train(orig):
+    @functools.wraps(orig)
+    def train(self, *args, **kwargs):
+        args_ = getattr(self, "args", None)
+        if args_ is None or not _overlap_wanted(self):
+            return orig(self, *args, **kwargs)
+        from .gil import prompt_gil_handoff
+
+        # The stock NaN/Inf loss filter reads the step's loss on the host (`bool(torch.isnan(loss))`):
+        # a synchronisation per step that makes the host wait for the GPU, so that the next batch's
+        # collation and launches cannot overlap this step's kernels. The same replacement is done on
+        # the device in `training_step` below; the trainer's own check is off meanwhile.
+        device_filter = bool(getattr(args_, "logging_nan_inf_filter", False))
+        previous = self.__dict__.get("_fastst_device_nan_filter", _MISSING)
+        if device_filter:
+            args_.logging_nan_inf_filter = False
+            self.__dict__["_fastst_device_nan_filter"] = True
+        try:
+            with prompt_gil_handoff() if PREFETCH_BATCHES else contextlib.nullcontext():
+                return orig(self, *args, **kwargs)
+        finally:
+            if device_filter:
+                args_.logging_nan_inf_filter = True
+                if previous is _MISSING:
+                    self.__dict__.pop("_fastst_device_nan_filter", None)
+                else:
+                    self.__dict__["_fastst_device_nan_filter"] = previous
+
+    train._fastst_wrapped = orig
+    return train
+
+
+def _wrap_training_step(orig):
+    @functools.wraps(orig)
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = orig(self, model, inputs, *args, **kwargs)
+        if not self.__dict__.get("_fastst_device_nan_filter"):
+            return loss
+        import torch
+
+        running = getattr(self, "_tr_loss", None)
+        if not (torch.is_tensor(loss) and torch.is_tensor(running) and loss.device == running.device and loss.numel() == 1):
+            # Not the trainer loop this replacement mirrors: give the check back to the trainer.
+            self.args.logging_nan_inf_filter = True
+            self.__dict__["_fastst_device_nan_filter"] = False
+            return loss
+        # transformers: a NaN/Inf step loss is replaced by the mean of the losses since the last log.
+        state = self.state
+        mean_so_far = running / (1 + state.global_step - getattr(self, "_globalstep_last_logged", state.global_step))
+        return torch.where(torch.isfinite(loss), loss, mean_so_far.to(loss.dtype))
+
+    training_step._fastst_wrapped = orig
+    return training_step
+
+
+def _wrap_get_train_dataloader(orig):
+    @functools.wraps(orig)
+    def get_train_dataloader(self, *args, **kwargs):
+        loader = orig(self, *args, **kwargs)
+        if _overlap_wanted(self):
+            _overlap_loader(loader)
+        return loader
+
+    get_train_dataloader._fastst_wrapped = orig
+    return get_train_dataloader
+
+
+def _overlap_loader(loader) -> None:
+    """Let the training loader's host work overlap the GPU (this loader object only).
+
+    * accelerate moves each batch to the device with a blocking copy, which waits for every kernel
+      queued before it (the whole previous step): the copy is made non-blocking (the batch is in
+      pinned memory when ``dataloader_pin_memory`` is on, as by default; else the copy stays
+      synchronous but correct).
+    * Without dataloader workers the collator (tokenization, the fast preprocess's host pack) runs
+      on the training thread between steps: the next ``PREFETCH_BATCHES`` batches are collated on a
+      background thread instead (same batches, same order; the tokenizer releases the GIL).
+    """
+    import torch
+
+    if getattr(loader, "device", None) is not None and hasattr(loader, "_non_blocking"):
+        loader._non_blocking = True
+    base = getattr(loader, "base_dataloader", loader)
+    if not PREFETCH_BATCHES or not isinstance(base, torch.utils.data.DataLoader) or base.num_workers != 0:
+        return
+    if "_get_iterator" in base.__dict__:
+        return  # already done
+    make_iterator = base._get_iterator
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    base._get_iterator = lambda: prefetching(make_iterator(), PREFETCH_BATCHES, device)
+
+
+def prefetching(iterator, depth: int, device=None):
+    """``iterator`` (a single-process DataLoader iterator) with its next ``depth`` batches fetched
+    and collated on a daemon thread. Exceptions reach the training thread with their traceback; the
+    thread ends at the end of the data or soon after ``iterator`` is dropped (a run stopping at
+    ``max_steps`` mid-epoch)."""
+    import queue
+    import weakref
+
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    owner = weakref.ref(iterator)
+    fetch = type(iterator)._next_data
+
+    def work():
+        if device is not None:
+            import torch
+
+            torch.cuda.set_device(device)  # pinning the batch needs this thread on the loader's device
+        while True:
+            target = owner()
+            if target is None:
+                return
+            try:
+                item = ("batch", fetch(target))
+            except StopIteration:
+                item = ("end", None)
+            except BaseException as exc:  # handed to the training thread
+                item = ("error", exc)
+            del target
+            while True:
+                try:
+                    slots.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    if owner() is None:
+                        return
+            if item[0] != "batch":
+                return
+
+    def next_data():
+        kind, value = slots.get()
+        if kind == "batch":
+            return value
+        if kind == "end":
+            raise StopIteration
+        raise value
+
+    iterator._next_data = next_data  # instance attribute: the iterator's __next__ calls it
+    threading.Thread(target=work, name="fastst-batch-prefetch", daemon=True).start()
+    return iterator
+
+
+# --------------------------------------------------------------------------------------------------
 # install / uninstall
 
 
@@ -387,6 +554,14 @@ def _trainer_classes() -> list[type]:
             if isinstance(value, type) and value.__module__ == name and value.__name__.endswith("Trainer"):
                 classes.append(value)
     return classes
+
+
+def _base_trainer_class():
+    try:
+        from sentence_transformers.base.trainer import BaseTrainer
+    except ImportError:  # pragma: no cover - trainer extras missing
+        return None
+    return BaseTrainer
 
 
 def _base_model_class():
@@ -408,8 +583,16 @@ def install_trainer_integration() -> None:
             patches.set(base_model, "activation_checkpointing_enable", activation_checkpointing_enable)
             patches.set(base_model, "gradient_checkpointing_disable", gradient_checkpointing_disable)
             patches.set(base_model, "activation_checkpointing_disable", activation_checkpointing_disable)
+            base_trainer = _base_trainer_class()
+            if base_trainer is not None:
+                for name, wrap in (("train", _wrap_train), ("training_step", _wrap_training_step)):
+                    current = getattr(base_trainer, name, None)
+                    if current is not None and not hasattr(current, "_fastst_wrapped"):
+                        patches.set(base_trainer, name, wrap(current))
             for cls in _trainer_classes():
                 own = cls.__dict__
+                if "get_train_dataloader" in own and not hasattr(own["get_train_dataloader"], "_fastst_wrapped"):
+                    patches.set(cls, "get_train_dataloader", _wrap_get_train_dataloader(own["get_train_dataloader"]))
                 if "compute_loss" in own and not hasattr(own["compute_loss"], "_fastst_wrapped"):
                     patches.set(cls, "compute_loss", _wrap_compute_loss(own["compute_loss"]))
                 if "collect_features" in own and not hasattr(own["collect_features"], "_fastst_wrapped"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastst_plugin
-from fastst_plugin import inference
+from fastst_plugin import gil, inference
 from fastst_plugin.api import get_state
 
 from backbones._models import save_tiny  # tests/ is on sys.path (rootdir-relative test modules)
@@ -445,7 +445,7 @@ def test_gil_switch_interval_is_short_during_the_pipeline_only(tmp_path, monkeyp
 
     monkeypatch.setattr(inference, "_direct_chunk", spy)
     model.encode(TEXTS)
-    assert seen and all(v <= inference.GIL_SWITCH_INTERVAL for v in seen)
+    assert seen and all(v <= gil.GIL_SWITCH_INTERVAL for v in seen)
     assert sys.getswitchinterval() == before
 
 
@@ -455,12 +455,12 @@ def test_gil_switch_interval_survives_overlapping_calls():
     import sys
 
     before = sys.getswitchinterval()
-    first = inference._prompt_gil_handoff()
-    second = inference._prompt_gil_handoff()
+    first = gil.prompt_gil_handoff()
+    second = gil.prompt_gil_handoff()
     first.__enter__()
     second.__enter__()
     first.__exit__(None, None, None)
-    assert sys.getswitchinterval() <= inference.GIL_SWITCH_INTERVAL
+    assert sys.getswitchinterval() <= gil.GIL_SWITCH_INTERVAL
     second.__exit__(None, None, None)
     assert sys.getswitchinterval() == before
 

@@ -132,13 +132,16 @@ def test_install_is_idempotent_and_reversible():
         (cls, name): cls.__dict__.get(name)
         for cls in (BaseModel, BaseTrainer, CrossEncoderTrainer)
         for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable", "compute_loss",
-                     "collect_features", "_load_from_checkpoint", "evaluation_loop")
+                     "collect_features", "_load_from_checkpoint", "evaluation_loop", "train", "training_step",
+                     "get_train_dataloader")
     }
     training.install_trainer_integration()
     training.install_trainer_integration()
     assert BaseTrainer.compute_loss._fastst_wrapped is before[(BaseTrainer, "compute_loss")]
     assert CrossEncoderTrainer.compute_loss._fastst_wrapped is before[(CrossEncoderTrainer, "compute_loss")]
     assert BaseModel.__dict__["activation_checkpointing_enable"] is training.activation_checkpointing_enable
+    assert BaseTrainer.__dict__["train"]._fastst_wrapped is not None  # train/training_step: inherited, wrapped here
+    assert BaseTrainer.get_train_dataloader._fastst_wrapped is before[(BaseTrainer, "get_train_dataloader")]
     training.uninstall_trainer_integration()
     after = {key: key[0].__dict__.get(key[1]) for key in before}
     assert after == before
@@ -309,6 +312,93 @@ def test_compute_loss_runs_inside_packed_columns(tmp_path, monkeypatch, tiny):
     plain.max_seq_length = 32
     _trainer(plain, _args(tmp_path / "plain", max_steps=1, learning_rate=1e-5), _pairs(8)).train()
     assert calls == []
+
+
+def test_overlapped_steps_train_the_same_as_stock_steps(tmp_path, monkeypatch, tiny):
+    """On CUDA a fast model's trainer collates batches on a prefetch thread, copies them without
+    blocking and filters NaN/Inf losses on the device (no host sync per step). Forced on here (CPU):
+    the same losses as the plain loop, the trainer's NaN/Inf flag back afterwards."""
+    import threading
+
+    model = _model(path=tiny, kernels="torch")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(training, "_fast_on_cuda", lambda trainer: False)
+    plain = _trainer(model, _args(tmp_path / "plain", max_steps=4), _pairs(32))
+    plain.train()
+    expected = _losses(plain)
+
+    model.load_state_dict(state)
+    started = []
+    real_prefetching = training.prefetching
+
+    def spy(iterator, depth, device=None):
+        started.append(depth)
+        return real_prefetching(iterator, depth, device)
+
+    monkeypatch.setattr(training, "_fast_on_cuda", lambda trainer: True)
+    monkeypatch.setattr(training, "prefetching", spy)
+    args = _args(tmp_path / "overlap", max_steps=4)
+    trainer = _trainer(model, args, _pairs(32))
+    trainer.train()
+    assert started == [training.PREFETCH_BATCHES]
+    assert trainer._train_dataloader._non_blocking is True
+    assert args.logging_nan_inf_filter is True and "_fastst_device_nan_filter" not in trainer.__dict__
+    assert _losses(trainer) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    for thread in threading.enumerate():
+        if thread.name == "fastst-batch-prefetch":
+            thread.join(timeout=5)
+            assert not thread.is_alive()
+
+
+def test_device_nan_filter_is_the_stock_replacement():
+    """A NaN/Inf step loss becomes the mean of the losses since the last log, as transformers does
+    on the host; a trainer without ``_tr_loss`` gets its own check back."""
+    from types import SimpleNamespace
+
+    losses = iter([torch.tensor(float("nan")), torch.tensor(0.5), torch.tensor(float("inf"))])
+    step = training._wrap_training_step(lambda self, model, inputs: next(losses))
+    trainer = SimpleNamespace(
+        _tr_loss=torch.tensor(6.0), _globalstep_last_logged=0, state=SimpleNamespace(global_step=2),
+        args=SimpleNamespace(logging_nan_inf_filter=False),
+    )
+    trainer.__dict__["_fastst_device_nan_filter"] = True
+    assert step(trainer, None, None).item() == pytest.approx(2.0)  # 6 / (1 + 2 - 0)
+    assert step(trainer, None, None).item() == pytest.approx(0.5)
+    del trainer._tr_loss
+    assert step(trainer, None, None).item() == float("inf")  # passed through, and the trainer checks again
+    assert trainer.args.logging_nan_inf_filter is True and trainer._fastst_device_nan_filter is False
+
+
+def test_prefetching_iterator_keeps_order_errors_and_ends():
+    import gc
+    import threading
+    import time
+
+    def collate(rows):
+        if rows[0] == 9:
+            raise ValueError("bad row 9")
+        return torch.tensor(rows)
+
+    loader = torch.utils.data.DataLoader(list(range(12)), batch_size=3, collate_fn=collate)
+    plain = [b.tolist() for b in torch.utils.data.DataLoader(list(range(9)), batch_size=3, collate_fn=collate)]
+    it = training.prefetching(loader._get_iterator(), depth=2)
+    got = [next(it).tolist() for _ in range(3)]
+    assert got == plain
+    with pytest.raises(ValueError, match="bad row 9"):
+        next(it)
+
+    # The thread stops once the iterator is dropped mid-way (a run ending at max_steps).
+    loader = torch.utils.data.DataLoader(list(range(300)), batch_size=3)
+    before = {t for t in threading.enumerate() if t.name == "fastst-batch-prefetch"}
+    it = training.prefetching(loader._get_iterator(), depth=2)
+    next(it)
+    (thread,) = {t for t in threading.enumerate() if t.name == "fastst-batch-prefetch"} - before
+    del it
+    gc.collect()
+    deadline = time.time() + 5
+    while thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not thread.is_alive()
 
 
 def test_evaluator_in_bf16_without_user_autocast(tmp_path, tiny):

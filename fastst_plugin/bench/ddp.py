@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="off | on | off,on (one run each); the flag alone means on",
     )
     p.add_argument("--global-batch", type=int, default=128, help="pairs per optimizer step over all ranks (per device: global / world size)")
+    p.add_argument(
+        "--per-device-batch", type=int, default=None,
+        help="pairs per device instead (global = this x world size): the fixed-per-GPU-work scaling runs",
+    )
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput median (graph capture, autotuning)")
@@ -246,13 +250,16 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if opts.per_device_batch:
+        opts.global_batch = opts.per_device_batch * world
     if opts.global_batch % world:
         raise SystemExit(f"--global-batch {opts.global_batch} is not divisible by the world size {world}")
     per_device = opts.global_batch // world
     cuda = torch.cuda.is_available()
     spec = resolve_model(opts.model)
     model_key = getattr(spec, "key", os.path.basename(os.path.normpath(str(opts.model))))
-    name = run_name(model_key, lora_r, world, ckpt, opts.contender, opts.tag)
+    tag = opts.tag or (f"pd{opts.per_device_batch}" if opts.per_device_batch else "")
+    name = run_name(model_key, lora_r, world, ckpt, opts.contender, tag)
     fast = opts.contender == "fastst"
 
     find_unused = {"auto": None, "true": True, "false": False}[opts.find_unused]
@@ -416,6 +423,9 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "dropout": not opts.no_dropout,
             "gather_across_devices": not opts.no_gather,
             "cuda_graphs": fast and not opts.no_cuda_graphs,
+            "ddp_graphs": os.environ.get("FASTST_DDP_GRAPHS", "0"),
+            "capture_mode": os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "default"),
+            "trainer_overlap": os.environ.get("FASTST_TRAINER_OVERLAP", "1"),
             "find_unused_parameters": find_unused_used,
             "static_graph": bool(getattr(wrapped, "static_graph", False)),
             "trainable_params": trainable,
@@ -556,6 +566,32 @@ def compare(paths: list[str], max_loss_diff: float | None = None, min_speedup: f
             f"{f'{ratio:.2f}×' if ratio else '-'}{' (vs 1 GPU ckpt ' + s1['gradient_checkpointing'] + ')' if mixed else ''} | "
             f"{graphs} | {'; '.join(verdict) if verdict else 'ok'} |"
         )
+    # Fixed work per GPU (the usual data-parallel scaling): N GPUs with the 1-GPU run's batch each.
+    scale_fields = ("model", "contender", "mode", "per_device_batch", "seed", "max_seq_length", "dtype", "smoke", "gradient_checkpointing")
+    singles = {tuple(s.get(k) for k in scale_fields): s for _, _, s in runs if s and s["world_size"] == 1}
+    scaling = []
+    for _, _, s in runs:
+        if not s or s["world_size"] == 1:
+            continue
+        s1 = singles.get(tuple(s.get(k) for k in scale_fields))
+        if s1 is None or not s1.get("tokens_per_s") or not s.get("tokens_per_s"):
+            continue
+        ratio = s["tokens_per_s"] / s1["tokens_per_s"]
+        verdict = "ok" if min_speedup is None or ratio >= min_speedup else f"ratio < {min_speedup:g}"
+        scaling.append(
+            f"| {s['model']} | {s['contender']} | {s['mode']} | {s['gradient_checkpointing']} | {s['per_device_batch']} | "
+            f"{s1['global_batch']} → {s['global_batch']} | {s1['tokens_per_s']} | {s['tokens_per_s']} | {ratio:.2f}× | "
+            f"{s1['step_ms_median']} / {s['step_ms_median']} | {verdict} |"
+        )
+    if scaling:
+        lines += [
+            "",
+            "Same pairs per GPU (N GPUs do N times the 1-GPU step's work):",
+            "",
+            "| model | contender | mode | ckpt | pairs per GPU | global batch 1 → N | tok/s 1 GPU | tok/s N GPUs | ratio | step ms 1 / N | verdict |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---|---|",
+            *scaling,
+        ]
     lines += [
         "",
         "| run | loss first → final | real tok/s (median) | tok/s (total) | step ms | peak alloc GB | fast path per rank: graphs / graphed fwd / eager fwd / packed fwd |",

@@ -1,49 +1,40 @@
 #!/usr/bin/env bash
-# Multi-GPU (DDP) acceptance, issue #9, in ONE device call on a 2-GPU host (kind nvidia-h200-x2),
-# from the repo root, carrying .whl (the image has no `datasets`, which SentenceTransformerTrainer needs):
-#   bash tests/gpu/run_ddp.sh
-# For bert-base (LoRA r=32 and full fine-tuning) and EmbeddingGemma-300m (LoRA r=32), with and without
-# gradient checkpointing: a 1-GPU run (CUDA_VISIBLE_DEVICES=0) and a 2-GPU torchrun run with the same
-# global batch (128 pairs, 64 per GPU), seed and data, 50 steps each, fastst, bf16 weights, no dropout,
-# MNRL with gather_across_devices; then the comparison (max |loss diff| over the 50 steps, 2-GPU / 1-GPU
-# real-token throughput). Typical ~4-6 min; every step has its own timeout, so it ends within ~8 min.
-# $OUT gets 4 files: ddp-compare.md (the tables), ddp-runs.jsonl (every run's step and summary lines;
-# `python -m fastst_plugin.bench.ddp compare ddp-runs.jsonl` re-renders the tables), ddp-log.txt,
-# ddp-env.txt. Knobs: GLOBAL (pairs per step, default 128), STEPS (default 50), EXTRA (more runner options;
-# a CPU dry run of the plumbing: EXTRA="--smoke --max-seq-length 64 --warmup 1" GLOBAL=8 STEPS=3).
+# Multi-GPU (DDP) acceptance, issue #9, on a 2-GPU host (kind nvidia-h200-x2), from the repo root,
+# carrying .gpu (.gpu/site: datasets 4.8.5, dill, multiprocess; the image has no `datasets`, which
+# SentenceTransformerTrainer needs):
+#   bash tests/gpu/run_ddp.sh [bert-base] [embeddinggemma-300m]      (default: both, ~8-9 min)
+# Per model, fastst, bf16 weights, no dropout, MNRL with gather_across_devices, 50 steps, seed 0:
+#   * probe (first model only): CUDA graphs under DDP (FASTST_DDP_GRAPHS=1), 2 GPUs, 12 steps, capture
+#     mode thread_local, then relaxed if that failed; the main 2-GPU runs use the mode that captured
+#     on both ranks (else they run eagerly, as fastst does under a process group by default).
+#   * 1 GPU, global batch 128 (LoRA r=32 [and full fine-tuning for bert-base], checkpointing off/on):
+#     the loss-curve reference; plus LoRA at 64 pairs (the fixed-work-per-GPU reference) and, for
+#     bert-base, LoRA at 128 with FASTST_TRAINER_OVERLAP=0 (the trainer step before the overlap).
+#   * 2 GPUs (torchrun), global batch 128 = 64 pairs per GPU, the same configurations.
+# Then `python -m fastst_plugin.bench.ddp compare`: max |loss diff| over the 50 steps, 2-GPU / 1-GPU
+# real-token throughput at the same global batch and at the same pairs per GPU.
+# $OUT: ddp-compare.md, ddp-runs.jsonl (every run's step and summary lines), ddp-log.txt, ddp-env.txt.
+# Knobs: STEPS (default 50), EXTRA (more runner options; CPU dry run of the plumbing:
+# EXTRA="--smoke --max-seq-length 64 --warmup 1" STEPS=3).
 set -uo pipefail
 START=$SECONDS
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD:$PWD/.gpu/site:${PYTHONPATH:-}"
 # NVLink multicast stays off (the host's GPUs are shared; see the device notes).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-RUNS=/tmp/ddp-runs; rm -rf "$RUNS"; mkdir -p "$RUNS"
+RUNS=/tmp/ddp-runs; rm -rf "$RUNS"; mkdir -p "$RUNS/probe"
 LOG="$OUT/ddp-log.txt"; : > "$LOG"
-
-# ---- datasets for the trainer: the carried wheels; datasets 4.8.5 (.whl/ddp, known to import on this
-# image) if the wheel in .whl does not work with the image's huggingface_hub / pyarrow.
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-trainer_ok() {
-  python3 -c "import datasets; datasets.Dataset.from_dict({'a': ['x']}); from sentence_transformers.util import is_training_available as f; assert f()" 2>>"$LOG"
-}
-if ! trainer_ok && ls .whl/ddp/datasets-*.whl >/dev/null 2>&1; then
-  echo "datasets from .whl did not work here: trying .whl/ddp" | tee -a "$LOG"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-ddp .whl/ddp/*.whl 2>>"$LOG" \
-    && export PYTHONPATH=/tmp/site-ddp:$PYTHONPATH
-fi
-trainer_ok || echo "WARNING: SentenceTransformerTrainer is not usable (datasets/accelerate missing?): the runs will fail" | tee -a "$LOG"
+MODELS=("$@"); [ ${#MODELS[@]} -gt 0 ] || MODELS=(bert-base embeddinggemma-300m)
 
 {
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
   nvidia-smi topo -m 2>/dev/null
+  nproc
   python3 -c "import torch, transformers, sentence_transformers, peft, triton, accelerate, datasets; print('torch', torch.__version__, '| transformers', transformers.__version__, '| sentence-transformers', sentence_transformers.__version__, '| peft', peft.__version__, '| triton', triton.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| nccl', torch.cuda.nccl.version())"
 } > "$OUT/ddp-env.txt" 2>&1
 cat "$OUT/ddp-env.txt"
 
-COMMON="--global-batch ${GLOBAL:-128} --max-seq-length 256 --steps ${STEPS:-50} --warmup 5 --seed 0 --bf16 --no-dropout --out $RUNS ${EXTRA:-}"
+COMMON="--max-seq-length 256 --warmup 5 --seed 0 --bf16 --no-dropout ${EXTRA:-}"
 ONE="python3 -m fastst_plugin.bench.ddp"
 TWO="python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m fastst_plugin.bench.ddp"
 
@@ -54,17 +45,64 @@ step() {  # step NAME SECONDS COMMAND...: output to the log; status and each run
   timeout -k 10 "$secs" "$@" >>"$LOG" 2>&1
   local rc=$?
   echo "=== $name: rc=$rc, at $((SECONDS - START))s" | tee -a "$LOG"
-  tail -n +"$((before + 1))" "$LOG" | grep -E "^\[ddp r0 .*: loss " | sed -E 's/, fast path .*//'
+  tail -n +"$((before + 1))" "$LOG" | grep -E "^\[ddp r0 .*: loss " | sed -E 's/ -> \/tmp.*//'
   [ "$rc" -eq 0 ] || tail -n +"$((before + 1))" "$LOG" | grep -E "Error|error:" | tail -n 5
+  return $rc
 }
 
-# bert-base first (1 GPU warms the Triton cache for the 2 ranks), then EmbeddingGemma. In a process the
-# runs go LoRA before full, no checkpointing before checkpointing: a timeout cuts the least important.
-step "bert-base 1 GPU" 150 env CUDA_VISIBLE_DEVICES=0 $ONE --model bert-base --lora-r 32,0 --gradient-checkpointing off,on $COMMON
-step "bert-base 2 GPUs" 110 $TWO --model bert-base --lora-r 32,0 --gradient-checkpointing off,on $COMMON
-step "embeddinggemma-300m 1 GPU" 120 env CUDA_VISIBLE_DEVICES=0 $ONE --model embeddinggemma-300m --lora-r 32 --gradient-checkpointing off,on $COMMON
-step "embeddinggemma-300m 2 GPUs" 90 $TWO --model embeddinggemma-300m --lora-r 32 --gradient-checkpointing off,on $COMMON
+captured_on_all_ranks() {  # FILE: every rank captured graphs and none was disabled
+  python3 - "$1" <<'EOF'
+import json, sys
+try:
+    rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+except OSError:
+    sys.exit(1)
+s = [r for r in rows if r.get("record") == "summary"]
+ranks = (s[-1].get("fast_path_per_rank") or []) if s else []
+ok = bool(ranks) and all(r.get("graphs", 0) > 0 and not r.get("graph_disabled") for r in ranks)
+print("graphs per rank:", [(r.get("graphs"), r.get("graph_disabled")) for r in ranks])
+sys.exit(0 if ok else 1)
+EOF
+}
 
-cat "$RUNS"/ddp-*.jsonl > "$OUT/ddp-runs.jsonl" 2>/dev/null
-$ONE compare "$RUNS" | tee "$OUT/ddp-compare.md"
+# ---- probe: CUDA graphs under DDP (first model), each mode in its own processes (a failed capture
+# poisons the CUDA RNG state of its process).
+MODE=""
+first=${MODELS[0]}
+for mode in thread_local relaxed; do
+  step "probe $first graphs under DDP, $mode" 100 \
+    env FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$mode FASTST_LOG_LEVEL=DEBUG $TWO --model "$first" --lora-r 32 --global-batch 128 --steps ${PROBE_STEPS:-12} \
+    --out "$RUNS/probe" --tag "probe-$mode" $COMMON
+  f=$(ls "$RUNS"/probe/*probe-$mode*.jsonl 2>/dev/null | head -1)
+  if [ -n "$f" ] && captured_on_all_ranks "$f" | tee -a "$LOG"; then MODE=$mode; break; fi
+done
+grep -E "CUDA graph capture failed|Traceback|Error" "$LOG" | head -n 20
+if [ -n "$MODE" ]; then
+  echo "graphs under DDP captured with mode $MODE: the 2-GPU runs use them" | tee -a "$LOG"
+  GRAPHS_ENV="FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$MODE"
+else
+  echo "graphs under DDP did not capture in any mode: the 2-GPU runs are eager" | tee -a "$LOG"
+  GRAPHS_ENV="FASTST_DDP_GRAPHS=0"
+fi
+
+for model in "${MODELS[@]}"; do
+  if [ "$model" = bert-base ]; then R=32,0; T1=170; T2=150; else R=32; T1=150; T2=120; fi
+  step "$model 1 GPU" $T1 env CUDA_VISIBLE_DEVICES=0 $ONE --model "$model" --lora-r $R --gradient-checkpointing off,on \
+    --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS" $COMMON
+  step "$model 1 GPU, 64 pairs" 60 env CUDA_VISIBLE_DEVICES=0 $ONE --model "$model" --lora-r 32 --per-device-batch 64 \
+    --steps "${STEPS:-50}" --out "$RUNS" $COMMON
+  if [ "$model" = bert-base ]; then
+    step "$model 1 GPU, trainer overlap off" 60 env CUDA_VISIBLE_DEVICES=0 FASTST_TRAINER_OVERLAP=0 $ONE --model "$model" \
+      --lora-r 32 --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS/probe" --tag nooverlap $COMMON
+  fi
+  step "$model 2 GPUs" $T2 env $GRAPHS_ENV $TWO --model "$model" --lora-r $R --gradient-checkpointing off,on \
+    --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS" $COMMON
+done
+
+cat "$RUNS"/ddp-*.jsonl "$RUNS"/probe/ddp-*.jsonl > "$OUT/ddp-runs.jsonl" 2>/dev/null
+{
+  $ONE compare "$RUNS"
+  echo; echo "Probe and A/B runs (graphs under DDP; trainer overlap off):"; echo
+  $ONE compare "$RUNS"/probe/ddp-*.jsonl 2>/dev/null | sed -n '/^| run |/,$p'
+} | tee "$OUT/ddp-compare.md"
 echo "done in $((SECONDS - START))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
