@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="fastst without CUDA graphs (A/B of the graphs under DDP)")
     p.add_argument("--find-unused", default="auto", choices=["auto", "true", "false"], help="ddp_find_unused_parameters (auto: the trainer's default)")
     p.add_argument("--static-graph", action="store_true", help="ddp_static_graph=True")
+    p.add_argument(
+        "--force-ddp", action="store_true",
+        help="wrap the model in DistributedDataParallel even with one process (torchrun --nproc_per_node 1: "
+        "DDP's hooks and NCCL on a single GPU, for experiments)",
+    )
     p.add_argument("--data", default=None, help="pairs file (default: the bundled Debian pairs)")
     p.add_argument("--out", default="ddp-results", help="folder for the jsonl files")
     p.add_argument("--tag", default="", help="appended to the file names")
@@ -337,6 +342,12 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     except TypeError as exc:  # pragma: no cover - ST before gather_across_devices
         raise SystemExit(f"this sentence-transformers has no MNRL gather_across_devices ({exc})") from exc
 
+    if opts.force_ddp and world == 1 and _dist() is not None and cuda:
+        # accelerate wraps the model in DDP only for more than one process; one process is enough
+        # to put DDP's reducer and NCCL's threads around the fast path.
+        import accelerate
+
+        accelerate.Accelerator.multi_device = property(lambda self: True)
     RecordingTrainer, StepClock = _make_trainer_class()
     clock = StepClock(cuda)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=train_ds, loss=loss, callbacks=[clock])
@@ -427,6 +438,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "capture_mode": os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "default"),
             "trainer_overlap": os.environ.get("FASTST_TRAINER_OVERLAP", "1"),
             "find_unused_parameters": find_unused_used,
+            "ddp_wrapped": type(wrapped).__name__ == "DistributedDataParallel",
             "static_graph": bool(getattr(wrapped, "static_graph", False)),
             "trainable_params": trainable,
             "loss_first": world_losses[0] if world_losses else None,
@@ -618,7 +630,19 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("inputs", nargs="+", help="jsonl files (one run each, or concatenated runs) or folders holding ddp-*.jsonl")
     p.add_argument("--max-loss-diff", type=float, default=None, help="fail (exit 1) when a pair's max |loss diff| is larger")
     p.add_argument("--min-speedup", type=float, default=None, help="fail (exit 1) when N-GPU / 1-GPU throughput is lower")
+    p.add_argument("--same-world", action="store_true", help="two runs of any world sizes: their max |loss diff| only")
     a = p.parse_args(argv)
+    if a.same_world:
+        runs = read_runs(a.inputs)
+        if len(runs) != 2 or not all(st for _, st, _ in runs):
+            print(f"--same-world needs two runs with steps, got {[name for name, _, _ in runs]}")
+            return 1
+        (n1, st1, _), (n2, st2, s2) = runs
+        n = min(len(st1), len(st2))
+        diff = max(abs(st1[i]["loss"] - st2[i]["loss"]) for i in range(n))
+        ranks = [(r.get("graphs"), r.get("graph_disabled")) for r in ((s2 or {}).get("fast_path_per_rank") or [])]
+        print(f"{n1} vs {n2}: {n} steps, max |loss diff| {diff:.3g}; graphs per rank of the second: {ranks}")
+        return 0
     paths: list[str] = []
     for x in a.inputs:
         paths += sorted(glob.glob(os.path.join(x, "ddp-*.jsonl"))) if os.path.isdir(x) else [x]

@@ -34,6 +34,10 @@ MODELS=("$@"); [ ${#MODELS[@]} -gt 0 ] || MODELS=(bert-base embeddinggemma-300m)
 } > "$OUT/ddp-env.txt" 2>&1
 cat "$OUT/ddp-env.txt"
 
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+# One GPU (the 2-GPU kind not lent): the probe runs one process with DDP forced around the model
+# (NCCL, DDP's reducer, one rank), and only the 1-GPU runs follow.
+if [ "$NGPU" = 1 ]; then PROBE_PROCS=1; PROBE_EXTRA=--force-ddp; else PROBE_PROCS=2; PROBE_EXTRA=; fi
 COMMON="--max-seq-length 256 --warmup 5 --seed 0 --bf16 --no-dropout ${EXTRA:-}"
 ONE="python3 -m fastst_plugin.bench.ddp"
 TWO="python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m fastst_plugin.bench.ddp"
@@ -71,7 +75,9 @@ MODE=""
 first=${MODELS[0]}
 for mode in thread_local relaxed; do
   step "probe $first graphs under DDP, $mode" 100 \
-    env FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$mode FASTST_LOG_LEVEL=DEBUG $TWO --model "$first" --lora-r 32 --global-batch 128 --steps ${PROBE_STEPS:-12} \
+    env FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$mode FASTST_LOG_LEVEL=DEBUG \
+    python3 -m torch.distributed.run --standalone --nproc_per_node $PROBE_PROCS -m fastst_plugin.bench.ddp \
+    --model "$first" --lora-r 32 --global-batch 128 --steps ${PROBE_STEPS:-12} $PROBE_EXTRA \
     --out "$RUNS/probe" --tag "probe-$mode" $COMMON
   f=$(ls "$RUNS"/probe/*probe-$mode*.jsonl 2>/dev/null | head -1)
   if [ -n "$f" ] && captured_on_all_ranks "$f" | tee -a "$LOG"; then MODE=$mode; break; fi
@@ -94,6 +100,16 @@ for model in "${MODELS[@]}"; do
   if [ "$model" = bert-base ]; then
     step "$model 1 GPU, trainer overlap off" 60 env CUDA_VISIBLE_DEVICES=0 FASTST_TRAINER_OVERLAP=0 $ONE --model "$model" \
       --lora-r 32 --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS/probe" --tag nooverlap $COMMON
+  fi
+  if [ "$NGPU" = 1 ]; then
+    if [ -n "$MODE" ] && [ "$model" = "$first" ]; then  # graphs inside DDP (one rank): the same losses?
+      step "$model 1 GPU inside DDP, graphs ($MODE)" 90 env $GRAPHS_ENV python3 -m torch.distributed.run --standalone \
+        --nproc_per_node 1 -m fastst_plugin.bench.ddp --force-ddp --model "$model" --lora-r 32 --global-batch 128 \
+        --steps "${STEPS:-50}" --out "$RUNS/probe" --tag ddp1 $COMMON
+      python3 -m fastst_plugin.bench.ddp compare "$RUNS"/ddp-$model-lora32-1gpu-nockpt.jsonl \
+        "$RUNS"/probe/ddp-$model-lora32-1gpu-nockpt-ddp1.jsonl --same-world | tee -a "$LOG"
+    fi
+    continue
   fi
   step "$model 2 GPUs" $T2 env $GRAPHS_ENV $TWO --model "$model" --lora-r $R --gradient-checkpointing off,on \
     --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS" $COMMON
