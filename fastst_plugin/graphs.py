@@ -260,6 +260,8 @@ class GraphedEncoder:
     def _eligible(self, hp: HostPack, device) -> bool:
         if not replays_possible(self.encoder, device):
             return False
+        if hp.cu_seqlens.device.type != "cpu":
+            return False  # device tensors in a host pack's place: the static buffers are filled from the host
         if hp.max_seqlen > self.cap or int(hp.cu_seqlens[-1]) > GRAPH_MAX_TOKENS:
             return False
         if self._pending is not None and self._pending() is not None:

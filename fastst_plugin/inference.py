@@ -763,7 +763,7 @@ def _encode_packed(encoder, hp: HostPack):
     tokens = int(hp.cu_seqlens[-1])
     if tokens <= GRAPH_MAX_TOKENS and tokens * _matmul_params(encoder) <= GRAPH_MAX_WORK:
         return encoder.run_host(hp, device)
-    p = hp.to(device)
+    p = hp.to_device(device)
     return encoder.forward_eager(p), p
 
 

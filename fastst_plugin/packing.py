@@ -45,7 +45,10 @@ class HostPack:
         """True when these features are the ones this pack was built from (not a row slice of them)."""
         return tuple(input_ids.shape) == self.orig_shape
 
-    def to(self, device) -> "PackedBatch":
+    # Deliberately not called ``to``: accelerate's ``send_to_device`` (the trainer's dataloader) calls
+    # ``.to(device)`` on any object that has one, which turned the host pack into device tensors with
+    # per-tensor blocking copies (and CUDA graphs then refused them). Without ``to`` it is left alone.
+    def to_device(self, device) -> "PackedBatch":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
         if torch.device(device).type == "cuda" and all(
@@ -135,13 +138,13 @@ def pack_features(features: dict) -> PackedBatch:
     device = input_ids.device
     hp = features.get(HOST_PACK_KEY)
     if isinstance(hp, HostPack) and hp.matches(input_ids):
-        return hp.to(device)
+        return hp.to_device(device)
     mask = features.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
     # One small device->host copy of the mask (a sync) when features did not come through preprocess.
     hp = host_pack(input_ids.cpu(), mask.cpu(), features.get("token_type_ids").cpu() if features.get("token_type_ids") is not None else None)
-    return hp.to(device)
+    return hp.to_device(device)
 
 
 def pad_packed(x: torch.Tensor, seq_info: PackedBatch | None, cu: torch.Tensor, max_seqlen: int) -> torch.Tensor:

@@ -350,6 +350,20 @@ def test_overlapped_steps_train_the_same_as_stock_steps(tmp_path, monkeypatch, t
             assert not thread.is_alive()
 
 
+def test_host_pack_survives_the_trainers_device_placement():
+    """accelerate's dataloader moves every object with a ``.to`` to the device; the host pack must stay
+    on the host (it was turned into device tensors, and CUDA graphs then refused every step)."""
+    from accelerate.utils import send_to_device
+
+    from fastst_plugin.packing import HOST_PACK_KEY, HostPack, host_pack
+
+    ids = torch.tensor([[101, 5, 102, 0], [101, 6, 7, 102]])
+    hp = host_pack(ids, (ids > 0).long())
+    for non_blocking in (False, True):
+        moved = send_to_device({"anchor_input_ids": ids, f"anchor_{HOST_PACK_KEY}": hp}, torch.device("cpu"), non_blocking)
+        assert type(moved[f"anchor_{HOST_PACK_KEY}"]) is HostPack and moved[f"anchor_{HOST_PACK_KEY}"] is hp
+
+
 def test_device_nan_filter_is_the_stock_replacement():
     """A NaN/Inf step loss becomes the mean of the losses since the last log, as transformers does
     on the host; a trainer without ``_tr_loss`` gets its own check back."""

@@ -260,7 +260,7 @@ class PackedEncoder:
     def run_host(self, hp, device):
         """Hidden states for a host pack: replayed from a CUDA graph when possible, else eagerly.
         Returns ``(hidden [T, H], PackedBatch on device)``."""
-        p = hp.to(device)
+        p = hp.to_device(device)
         if self.state.options.cuda_graphs and device.type == "cuda":
             out = self.ensure_graphed().run(hp, device)
             if out is not None:

@@ -40,7 +40,7 @@ def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
     assert int((cu[1:] - cu[:-1]).max()) <= 16  # dummy sequences respect the length cap
     with torch.no_grad():
         padded = encoder.forward_eager(static.as_packed())[:t]
-        plain = encoder.forward_eager(hp.to("cpu"))
+        plain = encoder.forward_eager(hp.to_device("cpu"))
     torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
 
 

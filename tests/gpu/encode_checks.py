@@ -337,7 +337,7 @@ def graph_modes() -> None:
     captured = len(encoder.graphed.graphs)
     with torch.no_grad():
         again = encoder.run_host(hp, device)[0]
-    eager = encoder.forward_eager(hp.to(device))
+    eager = encoder.forward_eager(hp.to_device(device))
     record = {"check": "graph_modes", "graphs_after_inference_mode": captured, "graphs_disabled": encoder.graphed.disabled_reason,
               "replay_vs_eager": cos_stats(outs[-1], eager), "no_grad_replay_vs_eager": cos_stats(again, eager)}
     record["ok"] = captured >= 1 and record["no_grad_replay_vs_eager"]["cos_min"] >= 0.9999 and record["replay_vs_eager"]["cos_min"] >= 0.9999

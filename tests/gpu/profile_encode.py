@@ -120,7 +120,7 @@ def _kernel_table(model, transformer, docs, out) -> None:
     a, b = inference.budget_batches(torch.from_numpy(flat.lengths), inference.MAX_BATCH_TOKENS)[0]
     hp = flat.pack(a, b)
     device = next(encoder.base.parameters()).device
-    p = hp.to(device)
+    p = hp.to_device(device)
     with torch.inference_mode():
         for _ in range(3):
             encoder.forward_eager(p)
