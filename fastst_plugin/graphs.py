@@ -40,6 +40,7 @@ next attempt).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -234,6 +235,33 @@ def replays_possible(encoder, device) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _stand_ins(module: torch.nn.Module, params: tuple):
+    """For a capture, each trainable parameter of ``module`` is replaced (in every submodule that
+    holds it) by a fresh leaf tensor sharing its storage; yields those leaves, in ``params`` order.
+
+    Why: the captured backward computes ``autograd.grad(out, leaves)``. Taken against the parameters
+    themselves, the gradient ends at their AccumulateGrad nodes, and DDP keeps those nodes alive from
+    its construction, when they recorded the default stream: the engine then makes the legacy
+    default stream wait on the capture stream, which invalidates the capture
+    (``cudaErrorStreamCaptureImplicit``; seen on an H200 inside DDP, 2026-11-29). Fresh leaves get
+    their nodes on the capture stream. The graphs read the same storage, so a replay sees the
+    parameters' current values, and ``_GraphedStep`` hands the gradients to the real parameters.
+    """
+    leaves = {id(p): p.detach().requires_grad_(True) for p in params}
+    swapped = []
+    try:
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and id(p) in leaves:
+                    sub._parameters[name] = leaves[id(p)]
+                    swapped.append((sub, name, p))
+        yield tuple(leaves[id(p)] for p in params)
+    finally:
+        for sub, name, p in reversed(swapped):
+            sub._parameters[name] = p
+
+
 class GraphedEncoder:
     """Replays a PackedEncoder's forward/backward per bucket; ``None`` from ``run`` means "use eager"."""
 
@@ -364,26 +392,27 @@ class GraphedEncoder:
         torch.cuda.synchronize()
         side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
-                with torch.set_grad_enabled(grad):
+        with _stand_ins(self.encoder.base, params) as leaves:
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
+                    with torch.set_grad_enabled(grad):
+                        out = self.encoder.forward_eager(packed)
+                        if grad and leaves:
+                            torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+                    del out
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            mode = _capture_mode()
+            fwd = torch.cuda.CUDAGraph()
+            with torch.set_grad_enabled(grad):
+                with torch.cuda.graph(fwd, pool=self.pool, stream=side, capture_error_mode=mode):
                     out = self.encoder.forward_eager(packed)
-                    if grad and params:
-                        torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
-                del out
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        mode = _capture_mode()
-        fwd = torch.cuda.CUDAGraph()
-        with torch.set_grad_enabled(grad):
-            with torch.cuda.graph(fwd, pool=self.pool, stream=side, capture_error_mode=mode):
-                out = self.encoder.forward_eager(packed)
-        bwd = grad_out = grad_params = None
-        if grad and params and out.requires_grad:
-            grad_out = torch.empty_like(out)
-            bwd = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(bwd, pool=self.pool, stream=side, capture_error_mode=mode):
-                grad_params = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+            bwd = grad_out = grad_params = None
+            if grad and leaves and out.requires_grad:
+                grad_out = torch.empty_like(out)
+                bwd = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(bwd, pool=self.pool, stream=side, capture_error_mode=mode):
+                    grad_params = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
         return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params)
 
     # -- replay -----------------------------------------------------------------------------------

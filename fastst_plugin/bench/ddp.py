@@ -170,6 +170,23 @@ def _make_trainer_class():
             super().__init__(*args, **kwargs)
             self.step_losses: list = []
             self.step_tokens: list = []
+            # Host wall time per step: waiting for the next batch (collation, when not prefetched) and
+            # in training_step (forward + backward launches, and any wait for the GPU inside).
+            self.host_ms: dict[str, list[float]] = {"batch_wait": [], "training_step": []}
+
+        def get_batch_samples(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().get_batch_samples(*args, **kwargs)
+            finally:
+                self.host_ms["batch_wait"].append((time.perf_counter() - t0) * 1000.0)
+
+        def training_step(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:
+                self.host_ms["training_step"].append((time.perf_counter() - t0) * 1000.0)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             tokens = None
@@ -392,6 +409,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "packed_forwards": counters.packed,
             "ckpt_option": st.options.gradient_checkpointing if st is not None else None,
         }
+    host_wait, host_step = trainer.host_ms["batch_wait"], trainer.host_ms["training_step"]
     per_rank = _gather_obj(graphed_state)
     wrapped = trainer.model_wrapped
     find_unused_used = getattr(wrapped, "find_unused_parameters", None)
@@ -447,6 +465,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "tokens_per_s_total": round(tot_tokens / (tot_ms / 1000.0), 1) if tot_ms else None,
             "step_ms_median": round(statistics.median(step_ms[i] for i in measured), 3) if measured else None,
             "pairs_per_s": round(opts.global_batch / (statistics.median(step_ms[i] for i in measured) / 1000.0), 1) if measured else None,
+            "host_batch_wait_ms": round(statistics.median(host_wait[max(1, opts.warmup):] or [0.0]), 3),
+            "host_training_step_ms": round(statistics.median(host_step[max(1, opts.warmup):] or [0.0]), 3),
             "peak_alloc_gb": round(peak_gb, 3),
             "peak_reserved_gb": round(peak_reserved_gb, 3),
             "build_s": round(build_s, 2),
@@ -463,7 +483,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
                 f.write(json.dumps(r) + "\n")
         _log(
             f"{name}: loss {result['loss_first']:.4f} -> {result['loss_final']:.4f}, "
-            f"{result['tokens_per_s']} real tok/s, step {result['step_ms_median']} ms, peak {result['peak_alloc_gb']} GB, "
+            f"{result['tokens_per_s']} real tok/s, step {result['step_ms_median']} ms (host: batch wait "
+            f"{result['host_batch_wait_ms']} ms, training_step {result['host_training_step_ms']} ms), peak {result['peak_alloc_gb']} GB, "
             f"fast path {per_rank if fast else '-'} -> {path}"
         )
 
@@ -484,7 +505,6 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
 
 def train_main(opts) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import datasets  # noqa: F401
         import accelerate  # noqa: F401
@@ -606,8 +626,8 @@ def compare(paths: list[str], max_loss_diff: float | None = None, min_speedup: f
         ]
     lines += [
         "",
-        "| run | loss first → final | real tok/s (median) | tok/s (total) | step ms | peak alloc GB | fast path per rank: graphs / graphed fwd / eager fwd / packed fwd |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| run | loss first → final | real tok/s (median) | tok/s (total) | step ms | host ms: batch wait / training_step | peak alloc GB | fast path per rank: graphs / graphed fwd / eager fwd / packed fwd |",
+        "|---|---|---:|---:|---:|---|---:|---|",
     ]
     for name, st, s in runs:
         if s is None:
@@ -620,7 +640,8 @@ def compare(paths: list[str], max_loss_diff: float | None = None, min_speedup: f
         first, final = s.get("loss_first"), s.get("loss_final")
         lines.append(
             f"| {name} | {first:.4f} → {final:.4f} | {s.get('tokens_per_s')} | {s.get('tokens_per_s_total')} | "
-            f"{s.get('step_ms_median')} | {s.get('peak_alloc_gb')} | {fast} |"
+            f"{s.get('step_ms_median')} | {s.get('host_batch_wait_ms', '-')} / {s.get('host_training_step_ms', '-')} | "
+            f"{s.get('peak_alloc_gb')} | {fast} |"
         )
     return "\n".join(lines), ok
 

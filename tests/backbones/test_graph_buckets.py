@@ -156,3 +156,28 @@ def test_host_pack_moves_in_one_staging_copy():
     assert moved.keys() == tensors.keys()
     for k, v in tensors.items():
         assert moved[k].dtype == v.dtype and moved[k].shape == v.shape and torch.equal(moved[k], v), k
+
+
+def test_capture_stand_ins_give_the_parameters_gradients(tmp_path):
+    """Captures differentiate against stand-in leaves that share the parameters' storage (DDP keeps
+    the parameters' own AccumulateGrad nodes on the default stream): same forward, same gradients,
+    parameters restored afterwards, tied parameters replaced by one leaf."""
+    from fastst_plugin.graphs import _stand_ins
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    net[2].weight = net[0].weight  # tied
+    net[0].bias.requires_grad_(False)
+    params = tuple(p for p in net.parameters() if p.requires_grad)
+    x = torch.randn(3, 4)
+    expected = torch.autograd.grad(net(x).square().sum(), params)
+    before = {name: p for name, p in net.named_parameters()}
+    with _stand_ins(net, params) as leaves:
+        assert len(leaves) == len(params)
+        assert net[0].weight is net[2].weight and net[0].weight is not params[0]
+        assert all(l.data_ptr() == p.data_ptr() and l.is_leaf for l, p in zip(leaves, params))
+        assert net[0].bias is before["0.bias"]  # frozen: untouched
+        got = torch.autograd.grad(net(x).square().sum(), leaves)
+    assert dict(net.named_parameters()) == before
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
