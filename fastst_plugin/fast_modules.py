@@ -114,8 +114,16 @@ def install(model, transformer, spec, state) -> None:
     stock_forward_fn = transformer.forward
     stock_preprocess = transformer.preprocess
 
+    direct_memo: dict = {}
+
     def preprocess(inputs, *args, **kwargs):
-        features = stock_preprocess(inputs, *args, **kwargs)
+        features = None
+        if not args and state.options.packing and not _STOCK_ONLY.get() and isinstance(inputs, list):
+            from .inference import direct_preprocess
+
+            features = direct_preprocess(transformer, stock_preprocess, inputs, kwargs, direct_memo)
+        if features is None:
+            features = stock_preprocess(inputs, *args, **kwargs)
         ids, mask = features.get("input_ids"), features.get("attention_mask")
         if (
             isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)

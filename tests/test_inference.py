@@ -783,3 +783,69 @@ def test_sparse_encoder_mlm_head_stays_stock(tmp_path):
     fastst_plugin.enable_fast(model, kernels="torch")
     assert get_state(model).backend == "stock forward (task head)"
     torch.testing.assert_close(model.encode(TEXTS[:3], convert_to_tensor=True).to_dense(), ref)
+
+
+# ------------------------------------------------------------------------------------ direct preprocess
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen3"])  # right padding with token types; left padding
+def test_direct_preprocess_equals_stock(tmp_path, monkeypatch, family, debian_pairs):
+    """The trainer's collator calls preprocess per column: from 16 texts on, fastst tokenizes them
+    through the Rust backend and must hand back exactly stock's features (prompts, truncation,
+    queries and documents)."""
+    model = save_tiny(tmp_path, family)
+    stock = _stock_preprocess(model)
+    fastst_plugin.enable_fast(model, kernels="torch")
+    used = []
+    real_direct = inference.direct_preprocess
+    monkeypatch.setattr(inference, "direct_preprocess", lambda *a, **k: used.append(real_direct(*a, **k)) or used[-1])
+    texts = [d for _, d in debian_pairs[:40]] + ["x", "a much longer text " * 40]
+    for kwargs in ({}, {"prompt": "query: "}, {"prompt": "query: ", "task": "query", "max_length": 12}):
+        direct = model.preprocess(texts, **kwargs)
+        expected = stock(texts, **kwargs)
+        assert set(direct) - {inference.HOST_PACK_KEY} == set(expected), kwargs
+        for key, value in expected.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == direct[key].dtype and torch.equal(value, direct[key]), (key, kwargs)
+            else:
+                assert direct[key] == value, (key, kwargs)
+        assert direct[inference.HOST_PACK_KEY].matches(direct["input_ids"])
+    assert sum(f is not None for f in used) == 3  # the direct path made them (prompt-length calls are small)
+
+
+def _stock_preprocess(model):
+    """A stock model's preprocess, bound before fastst patches the model."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    return twin.preprocess
+
+
+def test_direct_preprocess_turns_itself_off_on_a_mismatch(tmp_path, monkeypatch, debian_pairs):
+    model = save_tiny(tmp_path, "bert")
+    stock = _stock_preprocess(model)
+    fastst_plugin.enable_fast(model, kernels="torch")
+    texts = [d for _, d in debian_pairs[:20]]
+    real_flat = inference._Flat
+
+    class Shifted(real_flat):  # a backend that disagrees with stock by one id
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ids = self.ids + 1
+
+    calls = []
+    real_direct = inference.direct_preprocess
+
+    def spy(*args, **kwargs):
+        out = real_direct(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(inference, "_Flat", Shifted)
+    monkeypatch.setattr(inference, "direct_preprocess", spy)
+    for _ in range(2):
+        assert torch.equal(model.preprocess(texts)["input_ids"], stock(texts)["input_ids"])
+    assert calls == [False, False]
+    monkeypatch.setattr(inference, "_Flat", real_flat)
+    assert torch.equal(model.preprocess(texts)["input_ids"], stock(texts)["input_ids"])
+    assert calls == [False, False, False]  # off for good after the mismatch
