@@ -15,6 +15,7 @@ the adapter folder written at the end is reloaded with plain ``SentenceTransform
 
     python examples/debian_offline_lora.py                      # CPU: 30 steps, a few minutes
     python examples/debian_offline_lora.py --max-steps 250      # one epoch (GPU)
+    torchrun --nproc_per_node 2 examples/debian_offline_lora.py --max-steps 125   # 2 GPUs (DDP), 32 pairs each
 """
 
 import argparse
@@ -126,9 +127,11 @@ def main(argv=None) -> dict:
     after = evaluator(model)[key]
     print(f"NDCG@10 after training:  {after:.4f}")
 
-    # 4. Save the adapters and reload them the stock way
+    # 4. Save the adapters and reload them the stock way (one process writes under torchrun)
     final = os.path.join(args.output, "final")
-    model.save_pretrained(final)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
     reloaded = SentenceTransformer(final)
     reloaded.max_seq_length = args.max_seq_length
     again = evaluator(reloaded)[key]

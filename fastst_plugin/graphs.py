@@ -29,13 +29,12 @@ inside ``loss.backward()``, and a capture there was invalidated on the GPU (2026
 model then ran eagerly, CachedMNRL at 1,024 pairs 7x slower than plain MNRL). Their first, no-grad
 pass captures each mini-batch's with-gradient bucket ahead (``prepare``); the replay only replays.
 
-Under torch.distributed (DDP) the packed path runs eagerly. In principle replay is safe there (the
-graphs hold no collective; DDP's all-reduce hooks fire on AccumulateGrad after ``_GraphedStep``'s
-backward), and on the CPU/gloo stand-in it matched; but on 2 x H200 with NCCL (2026-11-28) capture
-failed with ``cudaErrorStreamCaptureInvalidated`` even in ``thread_local`` mode and left the CUDA RNG
-in capture state ("Offset increment outside graph capture"), killing the run at the next dropout.
-Until that is understood, graphs stay off under a process group (``_capture_mode`` is kept for the
-next attempt).
+Under torch.distributed (DDP) graphs are replayed too: they hold no collective, and DDP's all-reduce
+hooks fire on the real parameters' AccumulateGrad after ``_GraphedStep``'s backward. Captures
+differentiate against stand-in leaves (``_stand_ins``): against the parameters themselves the
+backward capture was invalidated, because DDP keeps the parameters' AccumulateGrad nodes alive from
+its construction on the default stream (2026-11-28 on 2 x H200; reproduced and fixed 2026-11-29
+inside DDP on one H200). With dropout they stay off under DDP unless asked (``_ddp_graphs``).
 """
 
 from __future__ import annotations
@@ -90,9 +89,20 @@ def _watch_registrations() -> None:
         _REGISTRATION_HOOKS.append(_module.register_module_parameter_registration_hook(_count_registration))
 
 
-def _ddp_graphs() -> bool:
-    """``FASTST_DDP_GRAPHS=1``: capture and replay under a process group too (being measured)."""
-    return os.environ.get("FASTST_DDP_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")
+def _ddp_graphs(encoder) -> bool:
+    """Whether graphs are used under a process group (DDP): ``FASTST_DDP_GRAPHS`` = ``1`` always,
+    ``0`` never, unset (auto) when the training forward draws no random numbers. Captures inside DDP
+    work since the stand-in leaves (see ``_stand_ins``; checked on one H200 with DDP and NCCL: 50
+    steps with the same losses as without DDP). Auto stays eager with dropout because a capture that
+    fails anyway would leave the CUDA generator in capture state, and the next dropout would stop the
+    run ("Offset increment outside graph capture", seen 2026-11-28); without dropout a failed capture
+    only costs the eager fallback."""
+    setting = os.environ.get("FASTST_DDP_GRAPHS", "auto").strip().lower()
+    if setting in ("0", "false", "off", "no"):
+        return False
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    return not encoder.draws_random_numbers()
 
 
 def _capture_mode() -> str:
@@ -230,8 +240,8 @@ def replays_possible(encoder, device) -> bool:
         return False  # a capture failed: this model runs eagerly
     if torch.is_autocast_enabled("cuda"):
         return False  # autocast's weight cache cannot live across replays
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _ddp_graphs():
-        return False  # capture under NCCL failed on the GPU: see the module docstring
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _ddp_graphs(encoder):
+        return False  # see _ddp_graphs
     return True
 
 

@@ -122,9 +122,11 @@ def main(argv=None) -> dict:
     after = evaluator(model)[key]
     print(f"NDCG@10 after training:  {after:.4f}")
 
-    # 4. Save the adapters and reload them the stock way
+    # 4. Save the adapters and reload them the stock way (one process writes under torchrun)
     final = os.path.join(args.output, "final")
-    model.save_pretrained(final)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
     reloaded = SentenceTransformer(final)
     reloaded.max_seq_length = args.max_seq_length
     again = evaluator(reloaded)[key]

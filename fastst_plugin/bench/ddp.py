@@ -373,8 +373,21 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
         torch.cuda.reset_peak_memory_stats()
     counters = _Counters()
     t0 = time.perf_counter()
+    profile_to = os.environ.get("FASTST_DDP_PROFILE")  # cProfile of this rank's training thread (host time)
+    profiler = None
+    if profile_to:
+        import cProfile
+
+        profiler = cProfile.Profile()
     with counters.installed() if fast else contextlib.nullcontext():
-        trainer.train()
+        if profiler is not None:
+            profiler.enable()
+        try:
+            trainer.train()
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile_to}.{name[: -len('.jsonl')]}.rank{os.environ.get('RANK', '0')}.prof")
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
@@ -452,7 +465,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "dropout": not opts.no_dropout,
             "gather_across_devices": not opts.no_gather,
             "cuda_graphs": fast and not opts.no_cuda_graphs,
-            "ddp_graphs": os.environ.get("FASTST_DDP_GRAPHS", "0"),
+            "ddp_graphs": os.environ.get("FASTST_DDP_GRAPHS", "auto"),
             "capture_mode": os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "default"),
             "trainer_overlap": os.environ.get("FASTST_TRAINER_OVERLAP", "1"),
             "find_unused_parameters": find_unused_used,

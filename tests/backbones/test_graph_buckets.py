@@ -181,3 +181,19 @@ def test_capture_stand_ins_give_the_parameters_gradients(tmp_path):
     assert dict(net.named_parameters()) == before
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_graphs_under_ddp_policy(monkeypatch):
+    """Under a process group: FASTST_DDP_GRAPHS=1 always, 0 never, unset only without dropout."""
+    from types import SimpleNamespace
+
+    from fastst_plugin.graphs import _ddp_graphs
+
+    dropout = SimpleNamespace(draws_random_numbers=lambda: True)
+    plain = SimpleNamespace(draws_random_numbers=lambda: False)
+    monkeypatch.delenv("FASTST_DDP_GRAPHS", raising=False)
+    assert _ddp_graphs(plain) and not _ddp_graphs(dropout)
+    monkeypatch.setenv("FASTST_DDP_GRAPHS", "1")
+    assert _ddp_graphs(plain) and _ddp_graphs(dropout)
+    monkeypatch.setenv("FASTST_DDP_GRAPHS", "0")
+    assert not _ddp_graphs(plain) and not _ddp_graphs(dropout)
