@@ -16,6 +16,10 @@ except where stock is broken (checkpointing kwargs on ST 6.0.x).
     declines what it cannot combine (cached losses, wrappers other than DDP…). Nothing depends on
     ``max_steps``: epoch-based runs get the same path.
 
+``BaseTrainer.train`` / ``training_step`` / ``get_train_dataloader`` (fast models on CUDA)
+    Steps without host round trips: batches collated ahead on a thread, non-blocking batch copies,
+    the NaN/Inf loss filter on the device (section (e) below).
+
 ``BaseModel.gradient_checkpointing_enable`` / ``activation_checkpointing_enable`` (+ ``*_disable``)
     Accept every keyword any transformers version passes (``gradient_checkpointing_kwargs``,
     ``activation_checkpointing_kwargs``, ``every_n_layers``, ``offload``, and unknown future ones,
@@ -32,10 +36,12 @@ except where stock is broken (checkpointing kwargs on ST 6.0.x).
 ``BaseTrainer._load_from_checkpoint`` (``resume_from_checkpoint`` and ``load_best_model_at_end``)
     Stock reloads the checkpoint as a new model and copies its whole state dict. A checkpoint of an
     adapted model is an adapter folder whose base is reloaded from ``base_model_name_or_path``
-    (un-quantized): for such models the reload happens on the CPU and only the tensors that can
-    change are copied (adapters, ``modules_to_save``, the other Sentence Transformers modules);
-    bitsandbytes-quantized base weights (frozen) are kept. Every trainable parameter must be found
-    in the checkpoint, else ``RuntimeError``.
+    (un-quantized). When LoRA weights are all that trains, they are read from the checkpoint's
+    ``adapter_model.safetensors`` into the live model (no base reload: also works when the base
+    folder is gone, and under DDP on every rank). Otherwise the reload happens on the CPU and only
+    the tensors that can change are copied (adapters, ``modules_to_save``, the other Sentence
+    Transformers modules); bitsandbytes-quantized base weights (frozen) are kept. Every trainable
+    parameter must be found in the checkpoint, else ``RuntimeError``.
 
 Evaluators need no user-written autocast: a fast model keeps its parameters' dtype (bf16/fp16 models
 evaluate as stock does), and within a trainer with ``bf16``/``fp16`` set the evaluator of a fast model
@@ -316,6 +322,52 @@ def _is_adapter_checkpoint(path: str) -> bool:
     return False
 
 
+def _load_adapter_file(model, checkpoint_path: str) -> bool:
+    """The adapters straight from the checkpoint's ``adapter_model.safetensors`` into the live model,
+    when LoRA weights are all that trains. False (nothing changed) when that does not cover the model.
+
+    The general path below reloads the checkpoint as a model, and with it the base named in
+    ``adapter_config.json``: a full model load per resume, and impossible when the base was a folder
+    that is gone (a model built from a config in a temporary folder, as the benchmarks do)."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from . import adapters
+
+    transformer = adapters._find_transformer(model)
+    hf = adapters._hf_model(model) if transformer is not None else None
+    if hf is None:
+        return False
+    key = next((k for k, m in model._modules.items() if m is transformer), None)
+    try:
+        with open(os.path.join(checkpoint_path, "modules.json"), encoding="utf-8") as f:
+            entries = {str(e.get("idx")): e for e in json.load(f)}
+    except (OSError, ValueError):
+        return False
+    entry = entries.get(str(key))
+    if entry is None:
+        return False
+    path = os.path.join(checkpoint_path, entry.get("path", ""), "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return False
+    hf_ids = {id(p) for p in hf.parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any(id(p) not in hf_ids or "lora_" not in n for n, p in trainable):
+        return False  # other trainable tensors (modules_to_save, Dense layers...): the general path
+    result = set_peft_model_state_dict(hf, load_file(path), adapter_name=adapters.ADAPTER_NAME)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"adapter checkpoint {checkpoint_path} does not match the model's adapters "
+            f"(missing {missing[:4]}, unexpected {list(result.unexpected_keys)[:4]})"
+        )
+    logger.debug(f"loaded {len(trainable)} adapter tensors from {path}")
+    adapters.ensure_save_compat(model)
+    return True
+
+
 def load_adapter_checkpoint(trainer, checkpoint_path: str) -> None:
     """Load an adapter checkpoint into ``trainer.model`` without touching its (quantized) frozen base."""
     import torch
@@ -323,6 +375,8 @@ def load_adapter_checkpoint(trainer, checkpoint_path: str) -> None:
     from . import adapters
 
     model = getattr(trainer.model, "_orig_mod", trainer.model)
+    if _load_adapter_file(model, checkpoint_path):
+        return
     from sentence_transformers.base.modules import Module
     from sentence_transformers.util import fullname
 

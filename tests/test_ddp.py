@@ -137,3 +137,44 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
 
     table, ok = compare(sorted(str(p) for p in list(one.glob("*.jsonl")) + list(two.glob("*.jsonl"))), max_loss_diff=2e-5)
     assert ok, table
+
+
+def _torchrun(tmp_path, name: str, *args: str) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "fastst_plugin.bench.ddp", *args,
+    ]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if rc != 0:
+        pytest.fail(f"{name}: torchrun --nproc_per_node 2 exited {rc}:\n{log.read_text()[-6000:]}")
+
+
+def test_two_process_lora_checkpoint_resumes(tmp_path):
+    """Under DDP, LoRA: the checkpoint of step 2 is written once (rank 0) as an adapter folder, and a
+    run resumed from it gives steps 3-4 the losses of the uninterrupted run."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    lora = [a if a != "0" else "16" for a in ARGS]  # --lora-r 16 instead of full fine-tuning
+    lora[lora.index("--steps") + 1] = "4"
+    full_run, resumed = tmp_path / "full", tmp_path / "resumed"
+    _torchrun(tmp_path, "full", *lora, "--out", str(full_run), "--output-dir", str(full_run / "ckpt"), "--save-steps", "2")
+    checkpoint = full_run / "ckpt" / "checkpoint-2"
+    assert (checkpoint / "adapter_config.json").exists() and (full_run / "ckpt" / "checkpoint-4").exists()
+    _torchrun(tmp_path, "resumed", *lora, "--out", str(resumed), "--resume-from", str(checkpoint))
+
+    all_steps, _ = _read(full_run / "ddp-bert-base-lora16-2gpu-nockpt.jsonl")
+    after, summary = _read(resumed / "ddp-bert-base-lora16-2gpu-nockpt.jsonl")
+    assert len(all_steps) == 4 and len(after) == 2 and summary["world_size"] == 2
+    for a, b in zip(after, all_steps[2:]):
+        assert a["tokens"] == b["tokens"], (a, b)  # the same rows, in the same order, after the resume
+        assert abs(a["loss"] - b["loss"]) < 2e-5, (a, b)

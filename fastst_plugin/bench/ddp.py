@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         "DDP's hooks and NCCL on a single GPU, for experiments)",
     )
     p.add_argument("--data", default=None, help="pairs file (default: the bundled Debian pairs)")
+    p.add_argument("--output-dir", default=None, help="the trainer's output_dir, kept (default: a temporary folder, removed)")
+    p.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (default: none)")
+    p.add_argument("--resume-from", default=None, help="resume_from_checkpoint: steps before it are not run again")
     p.add_argument("--out", default="ddp-results", help="folder for the jsonl files")
     p.add_argument("--tag", default="", help="appended to the file names")
     return p
@@ -293,7 +296,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     if ckpt == "on" and fast:
         names = {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
         ckpt_kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
-    workdir = tempfile.mkdtemp(prefix="fastst-ddp-")
+    workdir = opts.output_dir or tempfile.mkdtemp(prefix="fastst-ddp-")
     args = SentenceTransformerTrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=per_device,
@@ -301,7 +304,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
         learning_rate=opts.lr,
         warmup_steps=0,
         logging_steps=opts.steps,  # the trainer's logging syncs the host: once, at the end
-        save_strategy="no",
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
         eval_strategy="no",
         report_to="none",
         seed=opts.seed,
@@ -383,7 +387,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
         if profiler is not None:
             profiler.enable()
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=opts.resume_from)
         finally:
             if profiler is not None:
                 profiler.disable()
@@ -505,7 +509,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     trainer.model_wrapped = trainer.model = None
     del trainer, loss, model, hf, wrapped
     cleanup_folder(built)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not opts.output_dir:
+        shutil.rmtree(workdir, ignore_errors=True)
     del built
     gc.collect()
     if cuda:
