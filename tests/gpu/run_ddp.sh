@@ -3,6 +3,7 @@
 # carrying .gpu (.gpu/site: datasets 4.8.5, dill, multiprocess; the image has no `datasets`, which
 # SentenceTransformerTrainer needs):
 #   bash tests/gpu/run_ddp.sh [bert-base] [embeddinggemma-300m]      (default: both, ~8-9 min)
+#   QUICK=1 bash tests/gpu/run_ddp.sh                                  (no probe, no A/B runs: ~5 min)
 # Per model, fastst, bf16 weights, no dropout, MNRL with gather_across_devices, 50 steps, seed 0:
 #   * probe (first model only): CUDA graphs under DDP (FASTST_DDP_GRAPHS=1), 2 GPUs, 12 steps, capture
 #     mode thread_local, then relaxed if that failed; the main 2-GPU runs use the mode that captured
@@ -73,7 +74,9 @@ EOF
 # poisons the CUDA RNG state of its process).
 MODE=""
 first=${MODELS[0]}
-for mode in thread_local relaxed; do
+# QUICK=1: no probe (graphs under DDP follow fastst's default: on without dropout) and no A/B runs.
+MODES="thread_local relaxed"; [ -n "${QUICK:-}" ] && MODES=""
+for mode in $MODES; do
   step "probe $first graphs under DDP, $mode" 100 \
     env FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$mode FASTST_LOG_LEVEL=DEBUG \
     python3 -m torch.distributed.run --standalone --nproc_per_node $PROBE_PROCS -m fastst_plugin.bench.ddp \
@@ -83,7 +86,9 @@ for mode in thread_local relaxed; do
   if [ -n "$f" ] && captured_on_all_ranks "$f" | tee -a "$LOG"; then MODE=$mode; break; fi
 done
 grep -E "CUDA graph capture failed|Traceback|Error" "$LOG" | head -n 20
-if [ -n "$MODE" ]; then
+if [ -n "${QUICK:-}" ]; then
+  GRAPHS_ENV="FASTST_LOG_LEVEL=INFO"  # fastst's default under DDP
+elif [ -n "$MODE" ]; then
   echo "graphs under DDP captured with mode $MODE: the 2-GPU runs use them" | tee -a "$LOG"
   GRAPHS_ENV="FASTST_DDP_GRAPHS=1 FASTST_GRAPH_CAPTURE_MODE=$MODE"
 else
@@ -97,7 +102,7 @@ for model in "${MODELS[@]}"; do
     --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS" $COMMON
   step "$model 1 GPU, 64 pairs" 60 env CUDA_VISIBLE_DEVICES=0 $ONE --model "$model" --lora-r 32 --per-device-batch 64 \
     --steps "${STEPS:-50}" --out "$RUNS" $COMMON
-  if [ "$model" = bert-base ]; then
+  if [ "$model" = bert-base ] && [ -z "${QUICK:-}" ]; then
     step "$model 1 GPU, trainer overlap off" 60 env CUDA_VISIBLE_DEVICES=0 FASTST_TRAINER_OVERLAP=0 $ONE --model "$model" \
       --lora-r 32 --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS/probe" --tag nooverlap $COMMON
   fi
