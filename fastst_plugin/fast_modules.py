@@ -177,6 +177,7 @@ def install(model, transformer, spec, state) -> None:
 
     if head is not None:
         _install_inference(model, transformer, state, head=head, followers=[], packed_pooling=False)
+        _install_mode_switch(model, state)
         state.backend = (
             f"padding-free {spec.family} encoder + packed {head.spec.name}, {_ops_label(model, encoder)}, "
             f"attention {state.options.attention}"
@@ -200,12 +201,53 @@ def install(model, transformer, spec, state) -> None:
         patches.set(pooling, "forward", pool_forward)
 
     _install_inference(model, transformer, state, head=None, followers=followers, packed_pooling=packed_pooling)
+    _install_mode_switch(model, state)
 
     attn = state.options.attention
     state.backend = (
         f"padding-free {spec.family} encoder, {_ops_label(model, encoder)}, "
         f"attention {attn}{', packed pooling' if packed_pooling else ''}"
     )
+
+
+def _idempotent_train_methods() -> set:
+    """``train`` implementations that do nothing beyond setting ``training`` when the mode does not
+    change (torch's, and transformers' ``PreTrainedModel.train``, whose extra work runs only on a
+    change)."""
+    methods = {torch.nn.Module.train}
+    try:
+        from transformers import PreTrainedModel
+
+        methods.add(PreTrainedModel.train)
+    except ImportError:  # pragma: no cover
+        pass
+    return methods
+
+
+def _install_mode_switch(model, state) -> None:
+    """``model.train(mode)`` returns at once when every submodule is already in ``mode``.
+
+    The trainer calls ``model.train()`` at every step: a walk over every module (952 for bert-base
+    with LoRA), which was the largest single piece of a graphed step's host time (H200 host profile,
+    2026-11-29). The module list is re-read whenever a module or parameter is registered anywhere;
+    any module whose class overrides ``train`` with something else keeps the full walk."""
+    from .graphs import registrations
+
+    full_train = model.train  # the class's method, bound (stock behaviour)
+    known = _idempotent_train_methods()
+    cache: dict = {"seen": None, "modules": (), "plain": False}
+
+    def train(mode: bool = True):
+        if isinstance(mode, bool):
+            seen = registrations()
+            if cache["seen"] != seen:
+                modules = tuple(model.modules())
+                cache.update(seen=seen, modules=modules, plain=all(type(m).train in known for m in modules))
+            if cache["plain"] and all(m.training is mode for m in cache["modules"]):
+                return model
+        return full_train(mode)
+
+    state.patches.set(model, "train", train)
 
 
 def _install_inference(model, transformer, state, *, head, followers, packed_pooling) -> None:

@@ -524,3 +524,40 @@ def test_offline_example_runs_end_to_end(tmp_path, monkeypatch):
     assert 0.0 < result["before"] <= 1.0 and 0.0 < result["after"] <= 1.0
     assert result["reloaded"] == pytest.approx(result["after"], abs=1e-4)
     assert (tmp_path / "final" / "adapter_config.json").exists()
+
+
+def test_train_mode_switch_skips_the_walk_only_when_nothing_changes(tiny):
+    """The trainer calls model.train() every step; a fast model answers at once when every module is
+    already training, and walks (as stock) whenever any module is not, or a module overrides train."""
+    from sentence_transformers import SentenceTransformer
+
+    from fastst_plugin import disable_fast
+
+    model = SentenceTransformer(tiny, device="cpu")
+    enable_fast(model, kernels="torch")
+    model.train()
+    walked = []
+    leaf = model[0].model.encoder.layer[0].output.dense
+    leaf.__dict__["train"] = lambda mode=True: walked.append(mode) or torch.nn.Module.train(leaf, mode)
+    model.train()
+    assert walked == []  # all training already: no walk
+    model[0].model.encoder.layer[1].eval()  # one submodule switched by hand
+    model.train()
+    assert walked == [True] and all(m.training for m in model.modules())
+    model.eval()
+    assert walked == [True, False] and not any(m.training for m in model.modules())
+    model.train()
+    assert walked == [True, False, True]
+
+    class Custom(torch.nn.Module):  # a module with its own train(): always the full walk
+        def train(self, mode=True):
+            walked.append(("custom", mode))
+            return super().train(mode)
+
+    model[0].model.encoder.layer[0].add_module("custom", Custom())
+    walked.clear()
+    model.train()
+    assert walked == [True, ("custom", True)]
+    del leaf.__dict__["train"]
+    disable_fast(model)
+    assert "train" not in model.__dict__

@@ -226,6 +226,9 @@ def _make_trainer_class():
 
         def on_step_end(self, args, state, control, **kwargs):
             self._mark()
+            start = getattr(self, "profile_from", None)
+            if start is not None and state.global_step == start[0]:
+                start[1].enable()
 
         def intervals_ms(self) -> list[float]:
             import torch
@@ -377,15 +380,16 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
         torch.cuda.reset_peak_memory_stats()
     counters = _Counters()
     t0 = time.perf_counter()
-    profile_to = os.environ.get("FASTST_DDP_PROFILE")  # cProfile of this rank's training thread (host time)
+    # FASTST_DDP_PROFILE=PREFIX: cProfile of this rank's training thread from the end of the warm-up
+    # steps on (compilation and captures left out), written to PREFIX.<run>.rank<r>.prof.
+    profile_to = os.environ.get("FASTST_DDP_PROFILE")
     profiler = None
     if profile_to:
         import cProfile
 
         profiler = cProfile.Profile()
+        clock.profile_from = (max(1, opts.warmup), profiler)
     with counters.installed() if fast else contextlib.nullcontext():
-        if profiler is not None:
-            profiler.enable()
         try:
             trainer.train(resume_from_checkpoint=opts.resume_from)
         finally:
