@@ -579,10 +579,13 @@ def prefetching(iterator, depth: int, device=None):
             if item[0] != "batch":
                 return
 
+    finished: list = []  # the end or the error, once seen: every later call repeats it
+
     def next_data():
-        kind, value = slots.get()
+        kind, value = finished[0] if finished else slots.get()
         if kind == "batch":
             return value
+        finished[:] = [(kind, value)]
         if kind == "end":
             raise StopIteration
         raise value

@@ -400,6 +400,12 @@ def test_prefetching_iterator_keeps_order_errors_and_ends():
     assert got == plain
     with pytest.raises(ValueError, match="bad row 9"):
         next(it)
+    with pytest.raises(ValueError, match="bad row 9"):  # again, not a wait on the ended thread
+        next(it)
+    it = training.prefetching(torch.utils.data.DataLoader(list(range(4)), batch_size=2)._get_iterator(), depth=2)
+    assert len(list(it)) == 2
+    with pytest.raises(StopIteration):
+        next(it)
 
     # The thread stops once the iterator is dropped mid-way (a run ending at max_steps).
     loader = torch.utils.data.DataLoader(list(range(300)), batch_size=3)
