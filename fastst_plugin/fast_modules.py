@@ -225,7 +225,8 @@ def _idempotent_train_methods() -> set:
 
 
 def _install_mode_switch(model, state) -> None:
-    """``model.train(mode)`` returns at once when every submodule is already in ``mode``.
+    """``model.train(mode)`` returns at once when every submodule is already in ``mode``; ``zero_grad``
+    keeps its parameter list between calls.
 
     The trainer calls ``model.train()`` at every step: a walk over every module (952 for bert-base
     with LoRA), which was the largest single piece of a graphed step's host time (H200 host profile,
@@ -248,6 +249,23 @@ def _install_mode_switch(model, state) -> None:
         return full_train(mode)
 
     state.patches.set(model, "train", train)
+
+    # zero_grad (the trainer's, a user's loop) walks every module to find the parameters; the list
+    # is kept between calls and re-read on any registration, as above.
+    full_zero_grad = model.zero_grad
+    params_cache: dict = {"seen": None, "params": ()}
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        if set_to_none is not True or getattr(model, "_is_replica", False):
+            return full_zero_grad(set_to_none)
+        seen = registrations()
+        if params_cache["seen"] != seen:
+            params_cache.update(seen=seen, params=tuple(model.parameters()))
+        for p in params_cache["params"]:
+            if p.grad is not None:
+                p.grad = None
+
+    state.patches.set(model, "zero_grad", zero_grad)
 
 
 def _install_inference(model, transformer, state, *, head, followers, packed_pooling) -> None:

@@ -504,6 +504,40 @@ def _wrap_training_step(orig):
     return training_step
 
 
+class _KnownParameters:
+    """``model`` for gradient clipping, whose ``parameters()`` is a list kept between steps (clipping
+    walked every module of the model at each step: ~13 ms of a bert-base LoRA step under an H200
+    host profile). Everything else is the model's."""
+
+    def __init__(self, model, params: tuple):
+        self._model = model
+        self._params = params
+
+    def parameters(self, recurse: bool = True):
+        return iter(self._params) if recurse else self._model.parameters(recurse)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _wrap_clip_grad_norm(orig):
+    @functools.wraps(orig)
+    def _clip_grad_norm(self, model, *args, **kwargs):
+        if not _overlap_wanted(self):
+            return orig(self, model, *args, **kwargs)
+        from .graphs import registrations
+
+        seen = registrations()
+        cached = self.__dict__.get("_fastst_clip_params")
+        if cached is None or cached[0] != seen or cached[1] is not model:
+            cached = (seen, model, tuple(model.parameters()))
+            self.__dict__["_fastst_clip_params"] = cached
+        return orig(self, _KnownParameters(model, cached[2]), *args, **kwargs)
+
+    _clip_grad_norm._fastst_wrapped = orig
+    return _clip_grad_norm
+
+
 def _wrap_get_train_dataloader(orig):
     @functools.wraps(orig)
     def get_train_dataloader(self, *args, **kwargs):
@@ -642,7 +676,8 @@ def install_trainer_integration() -> None:
             patches.set(base_model, "activation_checkpointing_disable", activation_checkpointing_disable)
             base_trainer = _base_trainer_class()
             if base_trainer is not None:
-                for name, wrap in (("train", _wrap_train), ("training_step", _wrap_training_step)):
+                for name, wrap in (("train", _wrap_train), ("training_step", _wrap_training_step),
+                                   ("_clip_grad_norm", _wrap_clip_grad_norm)):
                     current = getattr(base_trainer, name, None)
                     if current is not None and not hasattr(current, "_fastst_wrapped"):
                         patches.set(base_trainer, name, wrap(current))

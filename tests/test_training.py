@@ -133,7 +133,7 @@ def test_install_is_idempotent_and_reversible():
         for cls in (BaseModel, BaseTrainer, CrossEncoderTrainer)
         for name in ("gradient_checkpointing_enable", "activation_checkpointing_enable", "compute_loss",
                      "collect_features", "_load_from_checkpoint", "evaluation_loop", "train", "training_step",
-                     "get_train_dataloader")
+                     "get_train_dataloader", "_clip_grad_norm")
     }
     training.install_trainer_integration()
     training.install_trainer_integration()
@@ -344,6 +344,10 @@ def test_overlapped_steps_train_the_same_as_stock_steps(tmp_path, monkeypatch, t
     assert trainer._train_dataloader._non_blocking is True
     assert args.logging_nan_inf_filter is True and "_fastst_device_nan_filter" not in trainer.__dict__
     assert _losses(trainer) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    # gradient clipping over the kept parameter list: the same norms (and so the same updates)
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert norms and norms == pytest.approx([h["grad_norm"] for h in plain.state.log_history if "grad_norm" in h], rel=1e-5)
+    assert "_fastst_clip_params" in trainer.__dict__
     for thread in threading.enumerate():
         if thread.name == "fastst-batch-prefetch":
             thread.join(timeout=5)
@@ -565,5 +569,19 @@ def test_train_mode_switch_skips_the_walk_only_when_nothing_changes(tiny):
     model.train()
     assert walked == [True, ("custom", True)]
     del leaf.__dict__["train"]
+
+    # zero_grad keeps its parameter list, re-read after a registration
+    model(model.preprocess(["a text", "another"]))["sentence_embedding"].sum().backward()
+    assert any(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    extra = torch.nn.Linear(2, 2)
+    model[0].model.encoder.layer[0].add_module("extra", extra)  # registered: the list is re-read
+    extra.weight.grad = torch.ones(2, 2)
+    model.zero_grad()
+    assert extra.weight.grad is None
+    extra.weight.grad = torch.ones(2, 2)
+    model.zero_grad(set_to_none=False)  # stock's path
+    assert torch.equal(extra.weight.grad, torch.zeros(2, 2))
     disable_fast(model)
-    assert "train" not in model.__dict__
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
