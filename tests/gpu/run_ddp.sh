@@ -107,8 +107,8 @@ for model in "${MODELS[@]}"; do
       --lora-r 32 --global-batch 128 --steps "${STEPS:-50}" --out "$RUNS/probe" --tag nooverlap $COMMON
   fi
   if [ "$NGPU" = 1 ]; then
-    if [ -n "$MODE" ] && [ "$model" = "$first" ]; then  # graphs inside DDP (one rank): the same losses?
-      step "$model 1 GPU inside DDP, graphs ($MODE)" 90 env $GRAPHS_ENV python3 -m torch.distributed.run --standalone \
+    if { [ -n "$MODE" ] || [ -n "${QUICK:-}" ]; } && [ "$model" = "$first" ]; then  # inside DDP (one rank): the same losses?
+      step "$model 1 GPU inside DDP, graphs (${MODE:-default})" 90 env $GRAPHS_ENV python3 -m torch.distributed.run --standalone \
         --nproc_per_node 1 -m fastst_plugin.bench.ddp --force-ddp --model "$model" --lora-r 32 --global-batch 128 \
         --steps "${STEPS:-50}" --out "$RUNS/probe" --tag ddp1 $COMMON
       python3 -m fastst_plugin.bench.ddp compare "$RUNS"/ddp-$model-lora32-1gpu-nockpt.jsonl \
