@@ -132,6 +132,7 @@ trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train
 result = trainer.train()
 
 print("ARGV", json.dumps(sys.argv))
+print("WRAPPED", type(trainer.model_wrapped).__name__)
 print("STEPS", trainer.state.global_step)
 print("LOSS", result.training_loss)
 print("LORA", any("lora_" in name for name, p in model.named_parameters() if p.requires_grad))

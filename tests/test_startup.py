@@ -9,6 +9,7 @@ import timeit
 
 import pytest
 
+from conftest import parse_report  # tests/ is on sys.path under pytest
 from fastst_plugin.cli import _startup_file
 
 STARTUP_FILE_IN_REPO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fastst_plugin", "_fastst.pth")
@@ -87,6 +88,30 @@ def test_env_variable_patches_an_unmodified_training_script(run_python, unmodifi
     assert report["IS_FAST"] == "True"
     assert report["LORA"] == "True", "FASTST_LORA=8 adds LoRA adapters"
     assert "[fastst] patched SentenceTransformer" in proc.stderr and "LoRA r=8" in proc.stderr
+
+
+@needs_installed
+def test_env_variable_under_torchrun(run_python, unmodified_train_script, tmp_path):
+    """``FASTST=1 torchrun --nproc_per_node 2 train.py``: every rank's model is fast (with LoRA) and
+    trains inside DistributedDataParallel (gloo on the CPU; the script asks for the CPU)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = tmp_path / "ranks"
+    launcher = [
+        "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "--log-dir", str(logs), "--redirects", "3",  # each rank's output in its own files
+    ]
+    proc, _ = run_python(launcher + unmodified_train_script, env={"FASTST": "1", "FASTST_LORA": "8", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = [parse_report(p.read_text()) for p in sorted(logs.rglob("stdout.log"))]
+    assert len(reports) == 2, sorted(logs.rglob("*"))
+    for report in reports:
+        assert report["IS_FAST"] == "True" and report["LORA"] == "True", report
+        assert report["WRAPPED"] == "DistributedDataParallel" and report["STEPS"] == "2", report
+    assert reports[0]["LOSS"] == reports[1]["LOSS"]  # the trainer's loss, averaged over the ranks
 
 
 @needs_installed
