@@ -69,6 +69,10 @@ def _read(path: Path):
 
 def _one_process_run(out: Path, monkeypatch) -> None:
     """The reference, in this process (no second interpreter start-up on a 2-CPU runner)."""
+    _one_process_run_args(out, monkeypatch, ARGS)
+
+
+def _one_process_run_args(out: Path, monkeypatch, args: list) -> None:
     import torch
 
     from fastst_plugin import training
@@ -83,7 +87,7 @@ def _one_process_run(out: Path, monkeypatch) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert ddp.main([*ARGS, "--out", str(out)]) == 0
+        assert ddp.main([*args, "--out", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
         if not installed:
@@ -178,3 +182,21 @@ def test_two_process_lora_checkpoint_resumes(tmp_path):
     for a, b in zip(after, all_steps[2:]):
         assert a["tokens"] == b["tokens"], (a, b)  # the same rows, in the same order, after the resume
         assert abs(a["loss"] - b["loss"]) < 2e-5, (a, b)
+
+
+def test_two_process_cached_mnrl_matches_one(tmp_path, monkeypatch):
+    """CachedMultipleNegativesRankingLoss under DDP (gather_across_devices, LoRA, mini-batches of 2):
+    the 2-process losses equal the 1-process run's, step by step."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    args = [a if a != "0" else "16" for a in ARGS] + ["--loss", "cached-mnrl", "--mini-batch-size", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _torchrun(tmp_path, "two", *args, "--out", str(two))
+    _one_process_run_args(one, monkeypatch, args)
+    ref, _ = _read(one / "ddp-bert-base-lora16-1gpu-nockpt-cached-mnrl.jsonl")
+    steps, summary = _read(two / "ddp-bert-base-lora16-2gpu-nockpt-cached-mnrl.jsonl")
+    assert summary["loss"] == "cached-mnrl" and len(steps) == len(ref) == STEPS
+    for a, b in zip(steps, ref):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (a, b)

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 weights (as fastst bench; no autocast, so CUDA graphs stay eligible); else fp32")
     p.add_argument("--no-dropout", action="store_true", help="dropout 0: the only per-rank randomness gone (comparable loss curves)")
     p.add_argument("--no-gather", action="store_true", help="per-device in-batch negatives (MNRL gather_across_devices=False)")
+    p.add_argument("--loss", default="mnrl", choices=["mnrl", "cached-mnrl"], help="MultipleNegativesRankingLoss or its cached (GradCache) form")
+    p.add_argument("--mini-batch-size", type=int, default=16, help="cached-mnrl's mini-batch size")
     p.add_argument("--no-cuda-graphs", action="store_true", help="fastst without CUDA graphs (A/B of the graphs under DDP)")
     p.add_argument("--find-unused", default="auto", choices=["auto", "true", "false"], help="ddp_find_unused_parameters (auto: the trainer's default)")
     p.add_argument("--static-graph", action="store_true", help="ddp_static_graph=True")
@@ -287,6 +289,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     spec = resolve_model(opts.model)
     model_key = getattr(spec, "key", os.path.basename(os.path.normpath(str(opts.model))))
     tag = opts.tag or (f"pd{opts.per_device_batch}" if opts.per_device_batch else "")
+    if opts.loss != "mnrl":
+        tag = f"{opts.loss}-{tag}" if tag else opts.loss
     name = run_name(model_key, lora_r, world, ckpt, opts.contender, tag)
     fast = opts.contender == "fastst"
 
@@ -362,7 +366,13 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     try:
         # One process: nothing to gather (ST would warn); the option is recorded as asked, so that
         # the 1-GPU run pairs with the N-GPU runs in `compare`.
-        loss = MultipleNegativesRankingLoss(model, gather_across_devices=not opts.no_gather and world > 1)
+        gather = not opts.no_gather and world > 1
+        if opts.loss == "cached-mnrl":
+            from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+            loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=opts.mini_batch_size, gather_across_devices=gather)
+        else:
+            loss = MultipleNegativesRankingLoss(model, gather_across_devices=gather)
     except TypeError as exc:  # pragma: no cover - ST before gather_across_devices
         raise SystemExit(f"this sentence-transformers has no MNRL gather_across_devices ({exc})") from exc
 
@@ -472,6 +482,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "dtype": "bf16" if opts.bf16 else "fp32",
             "dropout": not opts.no_dropout,
             "gather_across_devices": not opts.no_gather,
+            "loss": opts.loss,
             "cuda_graphs": fast and not opts.no_cuda_graphs,
             "ddp_graphs": os.environ.get("FASTST_DDP_GRAPHS", "auto"),
             "capture_mode": os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "default"),
@@ -573,7 +584,7 @@ def read_runs(paths: list[str]) -> list[tuple[str, list[dict], dict | None]]:
 def compare(paths: list[str], max_loss_diff: float | None = None, min_speedup: float | None = None) -> tuple[str, bool]:
     """Pair every 1-process run with the N-process runs of the same configuration."""
     runs = sorted(read_runs(paths), key=lambda r: r[0])
-    key_fields = ("model", "contender", "mode", "global_batch", "seed", "max_seq_length", "dtype", "smoke", "gather_across_devices", "gradient_checkpointing")
+    key_fields = ("model", "contender", "mode", "global_batch", "seed", "max_seq_length", "dtype", "smoke", "gather_across_devices", "loss", "gradient_checkpointing")
     ones = {tuple(s.get(k) for k in key_fields): (p, st, s) for p, st, s in runs if s and s["world_size"] == 1}
     # Checkpointing does not change what is computed: without a 1-GPU run of the same setting, the
     # loss curve is compared with the other one (the throughput ratio is then marked as mixed).
@@ -621,7 +632,7 @@ def compare(paths: list[str], max_loss_diff: float | None = None, min_speedup: f
             f"{graphs} | {'; '.join(verdict) if verdict else 'ok'} |"
         )
     # Fixed work per GPU (the usual data-parallel scaling): N GPUs with the 1-GPU run's batch each.
-    scale_fields = ("model", "contender", "mode", "per_device_batch", "seed", "max_seq_length", "dtype", "smoke", "gradient_checkpointing")
+    scale_fields = ("model", "contender", "mode", "per_device_batch", "seed", "max_seq_length", "dtype", "smoke", "loss", "gradient_checkpointing")
     singles = {tuple(s.get(k) for k in scale_fields): s for _, _, s in runs if s and s["world_size"] == 1}
     scaling = []
     for _, _, s in runs:
