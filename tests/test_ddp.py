@@ -8,7 +8,9 @@ path). With the same global batch and seed, every step of the 2-process run must
 (same real-token count) and give the same loss as the 1-process run, to fp32 rounding — which also
 checks that the gradients were all-reduced (without it the ranks' weights would drift apart after the
 first step). The fast path must have run under DDP: one packed forward per loss call on every rank,
-called through the DDP wrapper, with and without the trainer's gradient checkpointing.
+called through the DDP wrapper, with and without the trainer's gradient checkpointing. Also: LoRA
+checkpoints written under DDP resume to the same losses, and CachedMNRL with gathered negatives
+matches its 1-process run.
 """
 
 from __future__ import annotations
