@@ -96,6 +96,29 @@ def _one_process_run_args(out: Path, monkeypatch, args: list) -> None:
             training.uninstall_trainer_integration()
 
 
+def _torchrun(tmp_path, name: str, *args: str, meanwhile=None) -> None:
+    """``torchrun --nproc_per_node 2 -m fastst_plugin.bench.ddp ARGS``; ``meanwhile()`` runs here while
+    it does (the 1-process reference: no second interpreter start-up on a 2-CPU runner)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "fastst_plugin.bench.ddp", *args,
+    ]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as sink:
+        # Own session: on failure the launcher and its two workers go down together.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            rc = proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if rc != 0:
+        pytest.fail(f"{name}: torchrun --nproc_per_node 2 exited {rc}:\n{log.read_text()[-6000:]}")
+
+
 def test_two_processes_match_one(tmp_path, monkeypatch):
     import torch.distributed as dist
 
@@ -104,24 +127,10 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     one, two = tmp_path / "one", tmp_path / "two"
     # The 2-process run does both checkpointing settings in one launch (one start-up, one import);
     # the 1-process reference runs here meanwhile.
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "fastst_plugin.bench.ddp", *ARGS,
-        "--gradient-checkpointing", "off,on", "--out", str(two),
-    ]
-    log = tmp_path / "torchrun.log"
-    with open(log, "w") as sink:
-        # Own session: on failure the launcher and its two workers go down together.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            _one_process_run(one, monkeypatch)
-            rc = proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if rc != 0:
-        pytest.fail(f"torchrun --nproc_per_node 2 exited {rc}:\n{log.read_text()[-6000:]}")
+    _torchrun(
+        tmp_path, "torchrun", *ARGS, "--gradient-checkpointing", "off,on", "--out", str(two),
+        meanwhile=lambda: _one_process_run(one, monkeypatch),
+    )
 
     ref_steps, ref = _read(one / "ddp-bert-base-full-1gpu-nockpt.jsonl")
     assert ref["world_size"] == 1 and ref["steps"] == STEPS
@@ -143,24 +152,6 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
 
     table, ok = compare(sorted(str(p) for p in list(one.glob("*.jsonl")) + list(two.glob("*.jsonl"))), max_loss_diff=2e-5)
     assert ok, table
-
-
-def _torchrun(tmp_path, name: str, *args: str) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "fastst_plugin.bench.ddp", *args,
-    ]
-    log = tmp_path / f"{name}.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    if rc != 0:
-        pytest.fail(f"{name}: torchrun --nproc_per_node 2 exited {rc}:\n{log.read_text()[-6000:]}")
 
 
 def test_two_process_lora_checkpoint_resumes(tmp_path):
@@ -195,8 +186,7 @@ def test_two_process_cached_mnrl_matches_one(tmp_path, monkeypatch):
         pytest.skip("torch.distributed with gloo is needed")
     args = [a if a != "0" else "16" for a in ARGS] + ["--loss", "cached-mnrl", "--mini-batch-size", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _torchrun(tmp_path, "two", *args, "--out", str(two))
-    _one_process_run_args(one, monkeypatch, args)
+    _torchrun(tmp_path, "two", *args, "--out", str(two), meanwhile=lambda: _one_process_run_args(one, monkeypatch, args))
     ref, _ = _read(one / "ddp-bert-base-lora16-1gpu-nockpt-cached-mnrl.jsonl")
     steps, summary = _read(two / "ddp-bert-base-lora16-2gpu-nockpt-cached-mnrl.jsonl")
     assert summary["loss"] == "cached-mnrl" and len(steps) == len(ref) == STEPS
