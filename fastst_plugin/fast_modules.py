@@ -235,36 +235,37 @@ def _install_mode_switch(model, state) -> None:
     from .graphs import registrations
 
     full_train = model.train  # the class's method, bound (stock behaviour)
+    full_zero_grad = model.zero_grad
     known = _idempotent_train_methods()
-    cache: dict = {"seen": None, "modules": (), "plain": False}
+    kept: dict = {"seen": None}
+
+    def structure() -> dict:
+        """The model's modules and parameters, re-read whenever a module or parameter is registered."""
+        seen = registrations()
+        if kept["seen"] != seen:
+            modules = tuple(model.modules())
+            kept.update(
+                seen=seen, modules=modules, params=tuple(model.parameters()),
+                plain=all(type(m).train in known for m in modules),
+            )
+        return kept
 
     def train(mode: bool = True):
         if isinstance(mode, bool):
-            seen = registrations()
-            if cache["seen"] != seen:
-                modules = tuple(model.modules())
-                cache.update(seen=seen, modules=modules, plain=all(type(m).train in known for m in modules))
-            if cache["plain"] and all(m.training is mode for m in cache["modules"]):
+            known_now = structure()
+            if known_now["plain"] and all(m.training is mode for m in known_now["modules"]):
                 return model
         return full_train(mode)
 
-    state.patches.set(model, "train", train)
-
-    # zero_grad (the trainer's, a user's loop) walks every module to find the parameters; the list
-    # is kept between calls and re-read on any registration, as above.
-    full_zero_grad = model.zero_grad
-    params_cache: dict = {"seen": None, "params": ()}
-
+    # zero_grad (the trainer's, a user's loop) walks every module to find the parameters.
     def zero_grad(set_to_none: bool = True) -> None:
         if set_to_none is not True or getattr(model, "_is_replica", False):
             return full_zero_grad(set_to_none)
-        seen = registrations()
-        if params_cache["seen"] != seen:
-            params_cache.update(seen=seen, params=tuple(model.parameters()))
-        for p in params_cache["params"]:
+        for p in structure()["params"]:
             if p.grad is not None:
                 p.grad = None
 
+    state.patches.set(model, "train", train)
     state.patches.set(model, "zero_grad", zero_grad)
 
 

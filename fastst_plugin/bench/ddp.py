@@ -179,19 +179,18 @@ def _make_trainer_class():
             # in training_step (forward + backward launches, and any wait for the GPU inside).
             self.host_ms: dict[str, list[float]] = {"batch_wait": [], "training_step": []}
 
-        def get_batch_samples(self, *args, **kwargs):
+        def _timed(self, key: str, call, *args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return super().get_batch_samples(*args, **kwargs)
+                return call(*args, **kwargs)
             finally:
-                self.host_ms["batch_wait"].append((time.perf_counter() - t0) * 1000.0)
+                self.host_ms[key].append((time.perf_counter() - t0) * 1000.0)
+
+        def get_batch_samples(self, *args, **kwargs):
+            return self._timed("batch_wait", super().get_batch_samples, *args, **kwargs)
 
         def training_step(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return super().training_step(*args, **kwargs)
-            finally:
-                self.host_ms["training_step"].append((time.perf_counter() - t0) * 1000.0)
+            return self._timed("training_step", super().training_step, *args, **kwargs)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             tokens = None
