@@ -18,10 +18,12 @@ saved activations live in the shared pool).
 Not graphed (eager fallback, same results): CPU, autocast with caching, the "offload" checkpointing
 mode, checkpointing while the forward draws random numbers (dropout: the recompute inside the
 backward graph would draw new ones), inputs without a host pack, texts longer than the capture's
-length cap, batches over ``GRAPH_MAX_TOKENS`` tokens (GPU-bound anyway; measured: 64 pairs of
-1024-token documents captured a new bucket almost every step and held ~100 GB of graph pools), sizes
-beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one warning, then eager
-for this model). "layer" and "selective" checkpointing without dropout are captured like any step
+length cap, inference batches over ``GRAPH_MAX_TOKENS`` tokens, training steps over it that do not
+recur, do not fit the card twice over, or come after ``MAX_LARGE_GRAPHS`` such buckets (each holds a
+whole step's activations; 2026-11-28, before these limits, 64 pairs of 1024-token documents captured
+a new bucket almost every step and held ~100 GB of graph pools; ``FASTST_LARGE_GRAPHS=0`` keeps all of
+them eager), sizes beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one
+warning, then eager for this model). "layer" and "selective" checkpointing without dropout are captured like any step
 (the recompute becomes part of the backward graph; the checkpointing mode is part of the bucket key).
 
 Nothing is captured inside a backward pass: the cached (GradCache) losses re-embed each mini-batch
@@ -54,9 +56,20 @@ from .packing import HostPack, PackedBatch, host_to_device
 # An inference bucket is captured on its second sighting: encode's budget batches fall into a few
 # buckets that recur within one call, while one-off sizes (a call's last, short batch) stay eager.
 NO_GRAD_CAPTURE_AFTER = 2
-# Past this many tokens a step is GPU-bound (launch overhead is a few percent), while each captured
-# bucket keeps its activations reserved in the graph pool: long documents run eagerly.
+# Up to this many tokens a training bucket is captured on first sight (short texts: host-bound steps
+# whose few buckets recur from the first step on).
 GRAPH_MAX_TOKENS = 32768
+# Larger training steps (long documents) are captured too, but warily: their graph pool keeps a whole
+# step's activations reserved (EmbeddingGemma, 64 pairs of 1,024-token documents: ~30 GB), so at most
+# MAX_LARGE_GRAPHS such buckets, each on its second sighting, and only when the card keeps room for an
+# eager step of the same size beside the pool (LARGE_GRAPH_HEADROOM x the activations the warm-up
+# held, plus a margin). Why bother: eagerly such a step was still host-bound (2026-11-28, H200:
+# EmbeddingGemma LoRA at 1,024 tokens, GPU busy 50 % of a 258 ms step). Past LARGE_GRAPH_MAX_TOKENS
+# nothing is captured. Inference batches over GRAPH_MAX_TOKENS stay eager (no backward to amortise).
+LARGE_GRAPH_MAX_TOKENS = 262144
+MAX_LARGE_GRAPHS = 2
+LARGE_GRAPH_HEADROOM = 2.2
+LARGE_GRAPH_MARGIN_BYTES = 2 << 30
 # Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
 # Training (with gradients) and inference (without) count separately: an evaluator's encode calls
 # between training steps must not take the training buckets' places.
@@ -155,6 +168,34 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     if stream is None:
         stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
     return stream
+
+
+def _is_large(key: tuple) -> bool:
+    return key[0] > GRAPH_MAX_TOKENS
+
+
+def _large_graphs_allowed() -> bool:
+    """``FASTST_LARGE_GRAPHS=0`` keeps training steps over GRAPH_MAX_TOKENS eager (read per capture)."""
+    return os.environ.get("FASTST_LARGE_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class _NoRoom(RuntimeError):
+    """A large bucket's graph would leave too little memory: that bucket runs eagerly."""
+
+
+def _check_room(device, held: int) -> None:
+    """Raise _NoRoom unless the card can hold a large bucket's pool (about ``held`` bytes, what its
+    warm-up forward kept for the backward) and still an eager step of the same size beside it.
+
+    The warm-up's blocks sit in the caching allocator's general cache, which a graph's private pool
+    cannot use: give them back to the driver first, so the pool (and whoever else shares the card)
+    can have them."""
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    need = int(LARGE_GRAPH_HEADROOM * held) + LARGE_GRAPH_MARGIN_BYTES
+    if free < need:
+        raise _NoRoom(f"{free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB wanted "
+                      f"({LARGE_GRAPH_HEADROOM} x {held / 2**30:.1f} GiB of activations + margin)")
 
 
 class _StaticBatch:
@@ -287,6 +328,7 @@ class GraphedEncoder:
         self._registrations_seen = -1
         _watch_registrations()
         self._seen: dict[tuple, int] = {}
+        self._no_room: set[tuple] = set()  # large buckets refused for memory (see LARGE_GRAPH_HEADROOM)
 
     def release(self) -> None:
         """Drop every captured graph (their pool memory goes back once nothing else holds it)."""
@@ -300,7 +342,7 @@ class GraphedEncoder:
             return False
         if hp.cu_seqlens.device.type != "cpu":
             return False  # device tensors in a host pack's place: the static buffers are filled from the host
-        if hp.max_seqlen > self.cap or int(hp.cu_seqlens[-1]) > GRAPH_MAX_TOKENS:
+        if hp.max_seqlen > self.cap or int(hp.cu_seqlens[-1]) > LARGE_GRAPH_MAX_TOKENS:
             return False
         if self._pending is not None and self._pending() is not None:
             return False  # an earlier graphed forward still waits for its backward: its activations are in the pool
@@ -345,10 +387,16 @@ class GraphedEncoder:
         # Training steps repeat their few buckets from the first step on; inference (no grad) walks
         # through many sizes once (encode sorts by length), so capture those only for buckets that
         # keep coming back.
-        self._seen[key] = self._seen.get(key, 0) + 1
-        if not grad and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
+        large = _is_large(key)
+        if large and (not grad or key in self._no_room or not _large_graphs_allowed()):
             return None
-        if sum(1 for k in self.graphs if k[-1] == grad) >= (MAX_GRAPHS if grad else MAX_NO_GRAD_GRAPHS):
+        self._seen[key] = self._seen.get(key, 0) + 1
+        if (not grad or large) and self._seen[key] < NO_GRAD_CAPTURE_AFTER:
+            return None
+        if large:
+            if sum(1 for k in self.graphs if _is_large(k)) >= MAX_LARGE_GRAPHS:
+                return None
+        elif sum(1 for k in self.graphs if k[-1] == grad and not _is_large(k)) >= (MAX_GRAPHS if grad else MAX_NO_GRAD_GRAPHS):
             return None
         try:
             # Captured outside inference mode even when called from encode (which runs under
@@ -356,6 +404,10 @@ class GraphedEncoder:
             # later replay outside it (a no_grad eval step) could not refill them in place.
             with torch.inference_mode(False):
                 cap = self._capture(key, hp, device)
+        except _NoRoom as exc:  # this bucket stays eager; the others keep their graphs
+            self._no_room.add(key)
+            logger.info(f"fastst: a {key[0]}-token step runs without CUDA graphs: {exc}")
+            return None
         except Exception as exc:  # capture is an optimisation: never let it break training
             self.disabled_reason = f"{type(exc).__name__}: {exc}"
             logger.debug("CUDA graph capture failed", exc_info=True)
@@ -402,16 +454,22 @@ class GraphedEncoder:
         torch.cuda.synchronize()
         side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream())
+        large = _is_large(key)
+        held = 0  # bytes the warm-up forward left allocated (its activations): the pool will hold as much
         with _stand_ins(self.encoder.base, params) as leaves:
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
                     with torch.set_grad_enabled(grad):
+                        before = torch.cuda.memory_allocated(device)
                         out = self.encoder.forward_eager(packed)
+                        held = max(held, torch.cuda.memory_allocated(device) - before)
                         if grad and leaves:
                             torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
                     del out
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
+            if large:
+                _check_room(device, held)
             mode = _capture_mode()
             fwd = torch.cuda.CUDAGraph()
             with torch.set_grad_enabled(grad):

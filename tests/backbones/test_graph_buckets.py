@@ -197,3 +197,59 @@ def test_graphs_under_ddp_policy(monkeypatch):
     assert _ddp_graphs(plain) and _ddp_graphs(dropout)
     monkeypatch.setenv("FASTST_DDP_GRAPHS", "0")
     assert not _ddp_graphs(plain) and not _ddp_graphs(dropout)
+
+
+def _policy_encoder(monkeypatch, no_room=()):
+    """A GraphedEncoder whose capture is a stand-in (records keys; raises _NoRoom for ``no_room``)."""
+    from fastst_plugin import graphs
+
+    graphed = graphs.GraphedEncoder(encoder=None, cap=1024)
+    captured = []
+
+    def fake_capture(key, hp, device):
+        if key in no_room:
+            raise graphs._NoRoom("test: no room")
+        captured.append(key)
+        return object()
+
+    monkeypatch.setattr(graphed, "_capture", fake_capture)
+    return graphed, captured
+
+
+def _key(tokens, grad=True):
+    return (tokens, 192, True, True, "off", grad)
+
+
+def test_large_training_buckets_are_captured_when_they_recur(monkeypatch):
+    from fastst_plugin import graphs
+
+    graphed, captured = _policy_encoder(monkeypatch)
+    small, large = _key(8192), _key(49152)
+    assert graphed._get_or_capture(small, None, "cuda") is not None  # short texts: first sight
+    assert graphed._get_or_capture(large, None, "cuda") is None  # long documents: eager once...
+    assert graphed._get_or_capture(large, None, "cuda") is not None  # ...captured when the size recurs
+    assert graphed._get_or_capture(_key(49152, grad=False), None, "cuda") is None  # inference: never
+    assert graphed._get_or_capture(_key(49152, grad=False), None, "cuda") is None
+    for tokens in (53248, 57344):  # at most MAX_LARGE_GRAPHS buckets hold a step's activations
+        for _ in range(3):
+            graphed._get_or_capture(_key(tokens), None, "cuda")
+    assert graphs.MAX_LARGE_GRAPHS == 2
+    assert [k[0] for k in captured] == [8192, 49152, 53248]
+    assert graphed.disabled_reason is None
+
+
+def test_large_bucket_without_room_stays_eager_alone(monkeypatch):
+    large = _key(65536)
+    graphed, captured = _policy_encoder(monkeypatch, no_room={large})
+    for _ in range(4):
+        assert graphed._get_or_capture(large, None, "cuda") is None
+    assert large in graphed._no_room and graphed.disabled_reason is None  # the model keeps its graphs
+    assert graphed._get_or_capture(_key(4096), None, "cuda") is not None
+
+
+def test_large_graphs_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("FASTST_LARGE_GRAPHS", "0")
+    graphed, captured = _policy_encoder(monkeypatch)
+    for _ in range(3):
+        assert graphed._get_or_capture(_key(49152), None, "cuda") is None
+    assert captured == []

@@ -89,6 +89,18 @@ cached)  # issue #8's CachedMNRL cell: correctness, then cached (stock, fastst) 
   timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
     --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
   ;;
+long)  # issue #6's 1024-token cells (large training buckets captured, and eager for comparison), issue #5's
+       # 128 / 512 cells and full fine-tuning peaks, and where MiniLM's 64-pair step spends its host time
+  stage profile-minilm; OUT=$R timeout 60 python3 tests/gpu/profile_step.py minilm --steps 30 > $R/prof-minilm.log 2>&1
+  L="--no-dropout --steps 4 --repeats 2 --warmup 4 --long-docs --max-seq-length 1024"
+  stage long-gemma; timeout 130 $B train $L --models embeddinggemma-300m --contenders stock,fastst --out $R/long > $R/long.log 2>&1
+  stage long-eager; FASTST_LARGE_GRAPHS=0 timeout 50 $B train $L --no-profile --models embeddinggemma-300m --contenders fastst \
+    --out $R/long-eager > $R/long-eager.log 2>&1
+  stage long-qwen; timeout 160 $B train $L --models qwen3-0.6b --contenders stock,fastst --out $R/long --append >> $R/long.log 2>&1
+  stage lengths; timeout 100 $B train $T --no-profile --models bert-base --max-seq-length 128,512 --contenders stock,fastst \
+    --out $R/lengths > $R/lengths.log 2>&1
+  stage full; timeout 70 $B train $T --mode full --models minilm,bert-base --contenders stock,fastst --out $R/full > $R/full.log 2>&1
+  ;;
 infer)  # issue #7: outputs vs stock, the encode cells (stock, fastst; steady state after two warm-up
         # passes) and predict, then the host timeline and one batch's kernels (MiniLM, bert-base)
   stage encode-checks; OUT=$R timeout 80 python3 tests/gpu/encode_checks.py > $R/encode_checks.log 2>&1
