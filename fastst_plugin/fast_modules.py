@@ -92,20 +92,36 @@ def install(model, transformer, spec, state) -> None:
     )
     output_name = getattr(transformer, "module_output_name", "token_embeddings")
     head = None
+    sparse_head = None
     if output_name != "token_embeddings" or _text_method_output(transformer) != "last_hidden_state":
         # Not the backbone's hidden states: a task head's output (CrossEncoder logits, or a
         # SparseEncoder's MLM logits that it names "token_embeddings").
-        head = _task_head(transformer, output_name)
-        if head is None:
-            # Other task heads (SparseEncoder MLM heads, decoder rerankers, ...) read the model's own
-            # task outputs: keep them stock.
+        why_not_sparse = ""
+        if _is_mlm(transformer, output_name):
+            from .sparse import find_sparse_head
+
+            sparse_head, why_not_sparse = find_sparse_head(transformer, followers)
+        else:
+            head = _task_head(transformer, output_name)
+        if head is None and sparse_head is None:
+            # Other task heads (decoder rerankers, MLM heads not described in sparse.py, ...) read
+            # the model's own task outputs: keep them stock.
             from .log import warn_once
 
-            warn_once(
-                f"{type(model).__name__}: the padding-free forward covers embedding models and the "
-                f"sequence-classification heads of {', '.join(_head_families())}; this model's "
-                f"'{output_name}' head ({type(transformer.model).__name__}) runs stock (LoRA and checkpointing still apply)"
-            )
+            if why_not_sparse:
+                from .sparse import MLM_HEADS
+
+                covered = ", ".join(a for s in MLM_HEADS for a in s.architectures)
+                warn_once(
+                    f"{type(model).__name__}: the padding-free SPLADE forward covers an MLM head ({covered}) followed "
+                    f"by SpladePooling only; here {why_not_sparse}, so it runs stock (LoRA and checkpointing still apply)"
+                )
+            else:
+                warn_once(
+                    f"{type(model).__name__}: the padding-free forward covers embedding models and the "
+                    f"sequence-classification heads of {', '.join(_head_families())}; this model's "
+                    f"'{output_name}' head ({type(transformer.model).__name__}) runs stock (LoRA and checkpointing still apply)"
+                )
             state.encoder = None  # nothing runs packed here (packed_loss and the graphs look at it)
             install_stock_extras(model, transformer, state)
             state.backend = "stock forward (task head)"
@@ -155,7 +171,8 @@ def install(model, transformer, spec, state) -> None:
             packed = pack_features(features)
             hidden = encoder(packed)
         features[PACKED_KEY] = packed
-        if packed_pooling:
+        if packed_pooling or sparse_head is not None:
+            # Packed hidden states [T, H]: the patched pooling (or SpladePooling) reads them directly.
             features["token_embeddings"] = hidden
         else:
             features["token_embeddings"] = packed.repad(hidden)
@@ -184,6 +201,16 @@ def install(model, transformer, spec, state) -> None:
         )
         return
 
+    if sparse_head is not None:
+        _install_splade_pooling(sparse_head, hidden_size=encoder.config.hidden_size, patches=patches)
+        _install_inference(model, transformer, state, head=None, followers=followers, packed_pooling=False, sparse=True)
+        _install_mode_switch(model, state)
+        state.backend = (
+            f"padding-free {spec.family} encoder + packed {sparse_head.spec.name} and SPLADE pooling, "
+            f"{_ops_label(model, encoder)}, attention {state.options.attention}"
+        )
+        return
+
     if packed_pooling:
         stock_pool = pooling.forward
 
@@ -208,6 +235,35 @@ def install(model, transformer, spec, state) -> None:
         f"padding-free {spec.family} encoder, {_ops_label(model, encoder)}, "
         f"attention {attn}{', packed pooling' if packed_pooling else ''}"
     )
+
+
+def _is_mlm(transformer, output_name: str) -> bool:
+    """A SparseEncoder-style MLM Transformer module: the HF model's ``logits`` named ``token_embeddings``."""
+    return output_name == "token_embeddings" and _text_method_output(transformer) == "logits"
+
+
+def _install_splade_pooling(sparse_head, *, hidden_size: int, patches) -> None:
+    """``SpladePooling.forward`` on the packed hidden states the fast Transformer forward left in
+    ``token_embeddings`` (:class:`~fastst_plugin.sparse.PackedSpladeHead`); anything else (the stock
+    forward's padded logits) goes to stock's own pooling."""
+    splade = sparse_head.pooling
+    stock_pool = splade.forward
+
+    def splade_forward(features: dict[str, Any], **kwargs):
+        packed = features.get(PACKED_KEY)
+        hidden = features.get("token_embeddings")
+        if (
+            packed is None or kwargs or not isinstance(hidden, torch.Tensor) or hidden.dim() != 2
+            or hidden.shape[-1] != hidden_size or hidden.shape[0] != packed.seq_idx.shape[0]
+        ):
+            return stock_pool(features, **kwargs)
+        embeddings = sparse_head(hidden, packed)
+        if splade.embedding_dimension is None:  # as stock: learnt from the first forward
+            splade.embedding_dimension = embeddings.shape[1]
+        features["sentence_embedding"] = embeddings
+        return features
+
+    patches.set(splade, "forward", splade_forward)
 
 
 def _idempotent_train_methods() -> set:
@@ -269,7 +325,7 @@ def _install_mode_switch(model, state) -> None:
     state.patches.set(model, "zero_grad", zero_grad)
 
 
-def _install_inference(model, transformer, state, *, head, followers, packed_pooling) -> None:
+def _install_inference(model, transformer, state, *, head, followers, packed_pooling, sparse: bool = False) -> None:
     """Model-level patches: results of packed loss columns / of the fast inference pipeline come back
     from ``model.forward``; ``encode`` / ``predict`` run that pipeline when their arguments allow."""
     from . import inference
@@ -318,6 +374,10 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
             return False
         # ColBERT-style query expansion rewrites padding positions: not a packed layout.
         return not (extra.get("task") == "query" and getattr(transformer, "query_expansion", None) is not None)
+
+    if sparse:
+        _install_sparse_encode(model, transformer, state, followers, fast_forward_usable, plain_kwargs)
+        return
 
     if head is None:
         from sentence_transformers import SentenceTransformer
@@ -395,6 +455,39 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
         )
 
     patches.set(model, "predict", predict)
+
+
+def _install_sparse_encode(model, transformer, state, followers, fast_forward_usable, plain_kwargs) -> None:
+    """``SparseEncoder.encode`` (so ``encode_query`` / ``encode_document``) through the fast pipeline.
+
+    The rows are gathered as their non-zero entries (:class:`~fastst_plugin.sparse.SparseRows`) and
+    stock's ``encode`` replays them at its own ``batch_size``: its per-batch ``max_active_dims``,
+    ``to_sparse`` and row-wise stacking then see what they would have computed, and a sparse batch
+    of the replay stays as small as stock's own (stacking rows of one huge sparse batch costs
+    quadratic time)."""
+    from . import inference
+    from .sparse import SparseRows
+
+    stock_encode = model.encode
+    run_batch = inference.embedding_runner(state.encoder, followers)
+
+    def covered(bound) -> bool:
+        a = bound.arguments
+        return (
+            fast_forward_usable()
+            and a.get("pool") is None
+            and inference.same_device(model, a.get("device"))
+            and plain_kwargs(a)
+        )
+
+    def encode(*args, **kwargs):
+        return inference.fast_call(
+            model, stock_encode, args, kwargs, state=state, transformer=transformer, run_batch=run_batch,
+            output_name="sentence_embedding", to_cpu=lambda bound: False, covered=covered,
+            sink=SparseRows, replay_batch=None,
+        )
+
+    state.patches.set(model, "encode", encode)
 
 
 def _text_method_output(transformer) -> str | None:

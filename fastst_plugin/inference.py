@@ -128,6 +128,10 @@ def replay_forward(features) -> dict | None:
     rows = features.get(REPLAY_KEY) if isinstance(features, dict) else None
     if rep is None or rows is None:
         return None
+    select_rows = getattr(rep.table, "select_rows", None)  # a sink's table (see fast_call)
+    if select_rows is not None:
+        features[rep.output_name] = select_rows(rows)
+        return features
     idx = host_to_device(torch.tensor(rows, dtype=torch.long), rep.table.device)
     features[rep.output_name] = rep.table.index_select(0, idx)
     return features
@@ -466,6 +470,8 @@ def fast_call(
     covered: Callable[[inspect.BoundArguments], bool],
     check_hp=None,
     finish: Callable | None = None,
+    sink: Callable | None = None,
+    replay_batch: int | None = REPLAY_BATCH,
 ):
     """Run ``stock(*args, **kwargs)`` with its model outputs computed by the packed pipeline.
 
@@ -474,6 +480,10 @@ def fast_call(
     the results to the CPU anyway (then they come back chunk by chunk, see ``_run_batches``).
     ``finish(model, bound, table, item_rows, singular)`` may return the call's result from the rows
     directly (:func:`finish_encode`), or ``NotImplemented`` to let stock's method replay them.
+    ``sink(n_rows)``, when given, gathers the rows instead of a dense table (``add(rows, out)`` per
+    batch, ``finish()``, then ``select_rows(rows)`` for the replay: see
+    :class:`fastst_plugin.sparse.SparseRows`). The replay runs in batches of ``replay_batch`` inputs
+    (at least stock's ``batch_size``), or of stock's ``batch_size`` when None.
     """
     if _REPLAY.get() is not None:
         return stock(*args, **kwargs)
@@ -520,19 +530,22 @@ def fast_call(
     max_len = _max_len(transformer, state)
     budget = token_budget(max(batch_size, 1), max_len)
     try:
-        table = _compute(model, transformer, unique, prompt, extra, budget, max_len, run_batch, check_hp, to_cpu(bound))
+        table = _compute(
+            model, transformer, unique, prompt, extra, budget, max_len, run_batch, check_hp, to_cpu(bound),
+            sink=sink(len(unique)) if sink is not None else None,
+        )
     except _NotCovered:
         return stock(*bound.args, **bound.kwargs)
     if finish is not None:
         result = finish(model, bound, table, item_rows, singular)
         if result is not NotImplemented:
             return result
-    if "batch_size" in bound.arguments:
+    if "batch_size" in bound.arguments and replay_batch is not None:
         # The replay only looks rows up, so its batches may be large: stock's per-batch Python
         # (preprocess, forward, normalize, the copy to the CPU) then runs a few times instead of
         # once per ``batch_size`` inputs (measured: ~50 ms of a 475 ms bert-base call of 6,000
         # documents). Results do not depend on it: each row is computed on its own either way.
-        bound.arguments["batch_size"] = max(batch_size, min(len(items), REPLAY_BATCH))
+        bound.arguments["batch_size"] = max(batch_size, min(len(items), replay_batch))
     with _replaying(_Replay(index, table, output_name)):
         return stock(*bound.args, **bound.kwargs)
 
@@ -631,7 +644,7 @@ def _sample_rows(model, unique: list, order: np.ndarray, max_len: int) -> list:
     return list(dict.fromkeys([*long_rows, *order[-4:].tolist()]))
 
 
-def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int, max_len: int, run_batch, check_hp, to_cpu: bool) -> torch.Tensor:
+def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int, max_len: int, run_batch, check_hp, to_cpu: bool, sink=None) -> torch.Tensor:
     stock_preprocess = type(model).preprocess.__get__(model)
     order = _length_order(model, unique)
 
@@ -647,7 +660,7 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
         raise _NotCovered("batch layout")
     prompt_length = features.get("prompt_length")
     if small:
-        return _run_batches(model, len(unique), [_feature_batches(features, order, budget, check_hp)], run_batch, prompt_length, to_cpu)
+        return _run_batches(model, len(unique), [_feature_batches(features, order, budget, check_hp)], run_batch, prompt_length, to_cpu, sink)
     with_tt = "token_type_ids" in features
     tokenize = _DirectTokenizer.for_call(transformer, kwargs)
     if tokenize is not None:
@@ -689,7 +702,7 @@ def _compute(model, transformer, unique: list, prompt, kwargs: dict, budget: int
             def pack(chunk, features, last):
                 return _pack_chunk(features, chunk, budget, check_hp)
 
-        return _run_batches(model, len(unique), pipe.results(encode, pack), run_batch, prompt_length, to_cpu)
+        return _run_batches(model, len(unique), pipe.results(encode, pack), run_batch, prompt_length, to_cpu, sink)
 
 
 def _chunks(rows: np.ndarray) -> list[np.ndarray]:
@@ -750,15 +763,22 @@ class _ChunkPipeline:
         return False
 
 
-def _run_batches(model, n_rows: int, batch_lists, run_batch, prompt_length, to_cpu: bool) -> torch.Tensor:
+def _run_batches(model, n_rows: int, batch_lists, run_batch, prompt_length, to_cpu: bool, sink=None) -> torch.Tensor:
     """Runs every packed batch and gathers the rows into one ``[n_rows, ...]`` table, asynchronously.
 
     On the device's side nothing waits for the GPU. Results wanted on the CPU travel back one chunk
     at a time (non-blocking copies into pinned buffers, checked one chunk later, when the GPU is
     busy with the next chunk), so device memory holds one chunk's rows, not the whole corpus'.
+    A ``sink`` (see ``fast_call``) gathers the rows itself and is returned in the table's place.
     """
     device = model.device
     model.eval()
+    if sink is not None:
+        with torch.inference_mode():
+            for batches in batch_lists:
+                for rows, hp in batches:
+                    sink.add(rows, run_batch(hp, prompt_length))
+            return sink.finish()
     # (other accelerators: the table stays on the device and stock copies each batch back)
     on_device = not (to_cpu and _copies_back_async(device))
     table = None
