@@ -63,6 +63,11 @@ def main() -> None:
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
 
+    # host side by phase of the bench's step (no sync inside: the GPU runs behind), and the GPU's own
+    # span of the same steps from CUDA events: a host-bound step shows phase sums near the span.
+    phases_text = _phase_breakdown(run, args.steps)
+    print(phases_text, file=sys.stderr)
+
     # host side: what Python spends per step (no sync inside: the GPU runs behind)
     prof = cProfile.Profile()
     _sync()
@@ -77,6 +82,7 @@ def main() -> None:
     out = io.StringIO()
     print(f"{args.model} {args.mode} {args.contender}: step median {statistics.median(times):.2f} ms "
           f"(min {min(times):.2f}); host time per step under cProfile {host_ms:.2f} ms", file=out)
+    print(phases_text, file=out)
     st = pstats.Stats(prof, stream=out)
     st.sort_stats("tottime").print_stats(25)
     st.sort_stats("cumulative").print_stats(35)
@@ -100,6 +106,52 @@ def main() -> None:
     d = os.environ.get("OUT", ".")
     with open(os.path.join(d, f"profile-{args.model}-{args.mode}-{args.contender}{args.tag}.txt"), "w") as f:
         f.write(text)
+
+
+def _phase_breakdown(run, steps: int) -> str:
+    """Host milliseconds per step spent in each phase of ``contenders.train_step`` (same calls, with
+    perf_counter stamps between them), and the GPU span per step from CUDA events."""
+    from collections.abc import Mapping
+
+    names = ["features", "forward+loss", "backward", "optimizer.step", "zero_grad"]
+    spent = dict.fromkeys(names, 0.0)
+    _sync()
+    start = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
+    end = torch.cuda.Event(enable_timing=True) if start is not None else None
+    if start is not None:
+        start.record()
+    t_wall = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        feats, labels = run.batches[run.step_index % len(run.batches)]
+        run.step_index += 1
+        if isinstance(feats[0], Mapping):
+            feats = [dict(f) for f in feats]
+        t1 = time.perf_counter()
+        with run.autocast():
+            if run.loss_ctx is not None:
+                with run.loss_ctx(run.built.model, feats, **run.extra_ctx_kwargs):
+                    loss = run.loss_fn(feats, labels)
+            else:
+                loss = run.loss_fn(feats, labels)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        run.optimizer.step()
+        t4 = time.perf_counter()
+        run.optimizer.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        for name, a, b in zip(names, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
+            spent[name] += (b - a) * 1e3
+    host = (time.perf_counter() - t_wall) * 1e3 / steps
+    gpu = None
+    if start is not None:
+        end.record()
+        _sync()
+        gpu = start.elapsed_time(end) / steps
+    parts = ", ".join(f"{k} {v / steps:.2f}" for k, v in spent.items())
+    span = f"; GPU span per step {gpu:.2f} ms" if gpu is not None else ""
+    return f"host ms per step by phase (no sync): {parts}; total {host:.2f}{span}"
 
 
 if __name__ == "__main__":
