@@ -499,13 +499,93 @@ class GraphedEncoder:
         if cap.bwd is None:
             cap.fwd.replay()
             return cap.out[:t].clone()
-        full = _GraphedStep.apply(cap, *cap.params)
+        if _direct_grads_possible(cap.params):
+            full = _GraphedStepDirect.apply(cap, self._anchor_for(device))
+        else:
+            full = _GraphedStep.apply(cap, *cap.params)
         try:
             self._pending = weakref.ref(full.grad_fn)
         except TypeError:  # pragma: no cover - node without weakref support: rely on backward's flag
             self._pending = None
         cap.owner = self
         return full[:t]
+
+
+    def _anchor_for(self, device) -> torch.Tensor:
+        """A scalar leaf that makes a direct-gradient step's output require grad (see
+        ``_GraphedStepDirect``); it never receives a gradient."""
+        anchor = self.__dict__.get("_anchor")
+        if anchor is None or anchor.device != device:
+            anchor = self._anchor = torch.zeros((), device=device, requires_grad=True)
+        return anchor
+
+
+def _direct_grads_possible(params) -> bool:
+    """Whether a graphed step may write its parameter gradients into ``.grad`` itself.
+
+    Not under torch.distributed (DDP's reducer hooks the parameters' AccumulateGrad nodes), not when a
+    parameter carries hooks (``register_hook`` / ``register_post_accumulate_grad_hook``: they run in
+    AccumulateGrad), and not when ``FASTST_GRAPH_GRADS=edges``. Everything else (the trainer's and
+    the bench's ``loss.backward()``, gradient accumulation, zero_grad with or without set_to_none)
+    gets the same ``.grad`` either way."""
+    if os.environ.get("FASTST_GRAPH_GRADS", "direct").strip().lower() == "edges":
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    for p in params:
+        if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+            return False
+    return True
+
+
+class _GraphedStepDirect(torch.autograd.Function):
+    """The graphed step without one autograd edge per parameter.
+
+    ``_GraphedStep`` hands the engine one gradient per trainable parameter; with 72 (MiniLM LoRA) to
+    400 parameters, the per-edge work of ``Function.apply`` and of the engine (validating each
+    output, one AccumulateGrad node each) was most of the host time of a replayed step (H200,
+    MiniLM LoRA 64 pairs: ~3 ms backward host time for ~2 ms of GPU work). Here the output hangs
+    off one scalar anchor leaf, and the backward adds the static gradients into ``.grad`` itself,
+    as AccumulateGrad would: a copy where ``.grad`` is None, an in-place add where it exists
+    (gradient accumulation). What this cannot serve: ``torch.autograd.grad`` (or
+    ``backward(inputs=...)``) asking for the encoder's parameters, which are not in the autograd
+    graph: torch raises "appears to not have been used in the graph", or with ``allow_unused=True``
+    returns None for them. Nothing in sentence-transformers, transformers' Trainer or peft does
+    that; ``FASTST_GRAPH_GRADS=edges`` (or ``cuda_graphs=False``) serves it."""
+
+    @staticmethod
+    def forward(ctx, cap: _Captured, anchor):
+        ctx.cap = cap
+        cap.fwd.replay()
+        return cap.out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cap = ctx.cap
+        owner = getattr(cap, "owner", None)
+        if owner is not None:
+            owner._pending = None
+        if grad.data_ptr() != cap.grad_out.data_ptr():
+            cap.grad_out.copy_(grad)
+        cap.bwd.replay()
+        fresh_p, fresh_g, acc_p, acc_g = [], [], [], []
+        for p, g in zip(cap.params, cap.grad_params):
+            if g is None:
+                continue
+            if p.grad is None:
+                fresh_p.append(p)
+                fresh_g.append(g)
+            else:
+                acc_p.append(p.grad)
+                acc_g.append(g)
+        if acc_p:
+            torch._foreach_add_(acc_p, acc_g)
+        if fresh_p:
+            # Copies: the static buffers are overwritten by the next replay (x * 1.0 is exact).
+            for p, copy in zip(fresh_p, torch._foreach_mul(fresh_g, 1.0)):
+                p.grad = copy
+        return None, None
 
 
 class _GraphedStep(torch.autograd.Function):

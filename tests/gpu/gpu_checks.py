@@ -68,8 +68,9 @@ def parity(key, dtype=torch.bfloat16):
     qs, ds = _texts(32)
     texts = qs + ds
 
-    def run(model=m):
-        model.zero_grad(set_to_none=True)
+    def run(model=m, zero=True):
+        if zero:
+            model.zero_grad(set_to_none=True)
         feats = model.preprocess(texts)
         feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
         out = model(feats)["sentence_embedding"]
@@ -87,11 +88,19 @@ def parity(key, dtype=torch.bfloat16):
     del m32
     stock_vs_fp32 = _rel_errs(gref, gref32)
     fastst_plugin.enable_fast(m)
-    for variant in ("graphs", "graphs-replay", "eager"):
+    # graphs: captured steps write .grad directly (default); graphs-accumulate: a second backward
+    # without zero_grad (its .grad halved must equal one step's); graphs-edges: one autograd edge per
+    # parameter (FASTST_GRAPH_GRADS=edges, the DDP path).
+    for variant in ("graphs", "graphs-replay", "graphs-accumulate", "graphs-edges", "eager"):
         if variant == "eager":
             fastst_plugin.enable_fast(m, cuda_graphs=False)
+        os.environ["FASTST_GRAPH_GRADS"] = "edges" if variant == "graphs-edges" else "direct"
         out, g = run()
+        if variant == "graphs-accumulate":
+            out, g = run(zero=False)
+            g = {n: v / 2 for n, v in g.items()}
         _compare(key, dtype, variant, m, ref, gref, out, g, gref32=gref32, stock_vs_fp32=stock_vs_fp32)
+    os.environ.pop("FASTST_GRAPH_GRADS", None)
     del m, built
     _empty()
 

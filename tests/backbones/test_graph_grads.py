@@ -1,0 +1,89 @@
+"""How a replayed (CUDA-graphed) step hands its parameter gradients to autograd, checked on the CPU
+with a stand-in capture whose "replays" compute what the captured graphs would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastst_plugin import graphs
+
+
+class _Replay:
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _fake_capture(weight: torch.Tensor, x: torch.Tensor):
+    """A 'captured' y = x @ W.T: static output, static output gradient, static parameter gradient."""
+    out = torch.zeros(x.shape[0], weight.shape[0])
+    grad_out = torch.zeros_like(out)
+    grad_w = torch.zeros_like(weight)
+
+    def fwd():
+        out.copy_(x @ weight.detach().T)
+
+    def bwd():
+        grad_w.copy_(grad_out.T @ x)
+
+    cap = graphs._Captured(_Replay(fwd), _Replay(bwd), None, out, grad_out, (weight,), (grad_w,))
+    return cap
+
+
+def _graphed_encoder():
+    return graphs.GraphedEncoder(encoder=None, cap=16)
+
+
+def _step(owner, cap, weight, direct: bool):
+    if direct:
+        y = graphs._GraphedStepDirect.apply(cap, owner._anchor_for(torch.device("cpu")))
+    else:
+        y = graphs._GraphedStep.apply(cap, weight)
+    cap.owner = owner
+    return y
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_replayed_gradients_equal_autograd_and_accumulate(direct):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 4)
+    target = torch.randn(5, 3)
+    expected = torch.autograd.grad(((x @ weight.T) * target).sum(), weight)[0]
+    owner, cap = _graphed_encoder(), _fake_capture(weight, x)
+
+    (_step(owner, cap, weight, direct) * target).sum().backward()
+    torch.testing.assert_close(weight.grad, expected)
+    first = weight.grad
+    (_step(owner, cap, weight, direct) * target).sum().backward()  # gradient accumulation
+    torch.testing.assert_close(weight.grad, 2 * expected)
+    assert weight.grad is first  # accumulated in place, as AccumulateGrad does
+    assert weight.grad.data_ptr() != cap.grad_params[0].data_ptr()  # never the static buffer itself
+    weight.grad = None
+    (_step(owner, cap, weight, direct) * target).sum().backward()
+    torch.testing.assert_close(weight.grad, expected)
+
+
+def test_direct_gradients_are_not_served_to_autograd_grad():
+    # The documented limit: the parameters are not in the autograd graph (FASTST_GRAPH_GRADS=edges
+    # serves torch.autograd.grad); torch says so rather than returning a wrong gradient.
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    owner, cap = _graphed_encoder(), _fake_capture(weight, torch.randn(5, 4))
+    loss = _step(owner, cap, weight, direct=True).sum()
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(loss, [weight])
+
+
+def test_direct_gradients_only_without_hooks_or_opt_out(monkeypatch):
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    assert graphs._direct_grads_possible((weight,))
+    monkeypatch.setenv("FASTST_GRAPH_GRADS", "edges")
+    assert not graphs._direct_grads_possible((weight,))
+    monkeypatch.delenv("FASTST_GRAPH_GRADS")
+    handle = weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert not graphs._direct_grads_possible((weight,))  # hooks run in AccumulateGrad: keep the edges
+    handle.remove()
+    handle = weight.register_hook(lambda g: g)
+    assert not graphs._direct_grads_possible((weight,))
+    handle.remove()
+    assert graphs._direct_grads_possible((weight,))
