@@ -460,13 +460,14 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
 def _install_sparse_encode(model, transformer, state, followers, fast_forward_usable, plain_kwargs) -> None:
     """``SparseEncoder.encode`` (so ``encode_query`` / ``encode_document``) through the fast pipeline.
 
-    The rows are gathered as their non-zero entries (:class:`~fastst_plugin.sparse.SparseRows`) and
-    stock's ``encode`` replays them at its own ``batch_size``: its per-batch ``max_active_dims``,
-    ``to_sparse`` and row-wise stacking then see what they would have computed, and a sparse batch
-    of the replay stays as small as stock's own (stacking rows of one huge sparse batch costs
+    The rows are gathered as their non-zero entries (:class:`~fastst_plugin.sparse.SparseRows`);
+    :func:`~fastst_plugin.sparse.finish_sparse_encode` builds the result for the plain arguments,
+    otherwise stock's ``encode`` replays them at its own ``batch_size`` (its per-batch
+    ``max_active_dims``, ``to_sparse`` and row-wise stacking then see what they would have computed,
+    and a sparse batch stays as small as stock's own: unbinding one huge sparse batch into rows costs
     quadratic time)."""
     from . import inference
-    from .sparse import SparseRows
+    from .sparse import SparseRows, finish_sparse_encode
 
     stock_encode = model.encode
     run_batch = inference.embedding_runner(state.encoder, followers)
@@ -484,7 +485,7 @@ def _install_sparse_encode(model, transformer, state, followers, fast_forward_us
         return inference.fast_call(
             model, stock_encode, args, kwargs, state=state, transformer=transformer, run_batch=run_batch,
             output_name="sentence_embedding", to_cpu=lambda bound: False, covered=covered,
-            sink=SparseRows, replay_batch=None,
+            finish=finish_sparse_encode, sink=SparseRows, replay_batch=None,
         )
 
     state.patches.set(model, "encode", encode)

@@ -442,69 +442,143 @@ class PackedSpladeHead:
 
 # ----------------------------------------------------------------------------------- encode rows
 
+# A call's rows are kept as their non-zero entries while at most this fraction of the first batch's
+# entries is non-zero (an entry costs a value and an int64 column, 10-12 bytes, against 2-4 dense);
+# denser outputs (an untrained model: most of the vocabulary active) are kept as a dense table.
+SPARSE_MAX_DENSITY = 0.125
+# Rows per densified piece in ``finish_sparse_encode``: ~2^26 entries (128 MB in bf16 at 30,522 columns).
+FINISH_CHUNK_ELEMENTS = 1 << 26
+
 
 class SparseRows:
-    """The rows of one ``encode`` call, ``[n_rows, V]``, kept as their non-zero entries on the device.
+    """The rows of one ``encode`` call, ``[n_rows, V]``, kept on the device as their non-zero entries.
 
-    The fast pipeline gathers a call's rows in a table before stock's ``encode`` replays them; at
-    vocabulary width a dense table of a large corpus (100k texts x 30,522 x 4 bytes = 12 GB) would
-    not fit where stock, keeping its rows sparse per batch, does. Each batch is compressed when the
-    next one has been queued (``nonzero`` waits for its batch: the GPU meanwhile runs the next), and
-    :meth:`select_rows` hands stock's replay dense rows again, bit for bit: SPLADE values are
-    ``log1p(relu(.)) >= 0``, so the entries dropped are exact zeros."""
+    The fast pipeline gathers a call's rows before stock's ``encode`` (or :func:`finish_sparse_encode`)
+    turns them into its result; at vocabulary width a dense table of a large corpus (100k texts x
+    30,522 x 4 bytes = 12 GB) would not fit where stock, keeping its rows sparse per batch, does. Each
+    batch is compressed once the next one has been queued (``nonzero`` waits for its batch while the
+    GPU runs the next). :meth:`select_rows` gives dense rows again, bit for bit: SPLADE values are
+    ``log1p(relu(.)) >= 0``, so the entries dropped are exact zeros. When the first batch is dense
+    (an untrained model), the whole call is kept as one dense table instead (smaller then)."""
 
     def __init__(self, n_rows: int):
         self.n_rows = n_rows
         self.pending = None  # (rows, dense out) of the last batch, compressed on the next add
         self.parts: list = []  # (row ids, column ids, values) per batch, on the device
-        self.width = None
-        self.dtype = None
-        self.device = None
-        self.crow = None  # host int64 [n_rows + 1]
-        self.cols = self.values = None
+        self.dense: torch.Tensor | None = None  # dense mode: the [n_rows, V] table
+        self.width = self.dtype = self.device = None
+        self.crow = None  # host int64 [n_rows + 1] and the same on the device
+        self.crow_device = self.cols = self.values = None
 
     def add(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         if self.width is None:
             self.width, self.dtype, self.device = out.shape[-1], out.dtype, out.device
+            if int(torch.count_nonzero(out)) > SPARSE_MAX_DENSITY * out.numel():
+                self.dense = out.new_zeros((self.n_rows, self.width))
+        if self.dense is not None:
+            self.dense.index_copy_(0, host_to_device(rows, self.device), out)
+            return
         if self.pending is not None:
             self._compress(*self.pending)
         self.pending = (rows, out)
 
     def _compress(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         nz = out.nonzero()
-        row_ids = rows.to(out.device).index_select(0, nz[:, 0])
+        row_ids = host_to_device(rows, out.device).index_select(0, nz[:, 0])
         self.parts.append((row_ids, nz[:, 1], out[nz[:, 0], nz[:, 1]]))
 
     def finish(self) -> "SparseRows":
+        if self.dense is not None:
+            return self
         if self.pending is not None:
             self._compress(*self.pending)
             self.pending = None
-        if not self.parts:
-            self.crow = np.zeros(self.n_rows + 1, dtype=np.int64)
-            return self
         row_ids = torch.cat([p[0] for p in self.parts])
         cols = torch.cat([p[1] for p in self.parts])
         values = torch.cat([p[2] for p in self.parts])
         self.parts = []
-        order = torch.argsort(row_ids, stable=True)
+        order = torch.argsort(row_ids, stable=True)  # nonzero() lists a row's columns in ascending order
         self.cols, self.values = cols.index_select(0, order), values.index_select(0, order)
-        counts = torch.bincount(row_ids, minlength=self.n_rows).cpu().numpy()
-        self.crow = np.zeros(self.n_rows + 1, dtype=np.int64)
-        np.cumsum(counts, out=self.crow[1:])
+        counts = torch.bincount(row_ids, minlength=self.n_rows)
+        self.crow_device = torch.zeros(self.n_rows + 1, dtype=torch.long, device=self.device)
+        torch.cumsum(counts, 0, out=self.crow_device[1:])
+        self.crow = self.crow_device.cpu().numpy()
         return self
 
-    def select_rows(self, rows: list[int]) -> torch.Tensor:
+    def select_rows(self, rows) -> torch.Tensor:
         """Dense ``[len(rows), V]`` rows (a row may repeat)."""
-        rows_np = np.asarray(rows, dtype=np.int64)
+        rows_host = torch.as_tensor(rows, dtype=torch.long)
+        rows_device = host_to_device(rows_host, self.device)
+        if self.dense is not None:
+            return self.dense.index_select(0, rows_device)
+        rows_np = rows_host.numpy()
+        total = int((self.crow[rows_np + 1] - self.crow[rows_np]).sum())  # on the host: no sync
         out = torch.zeros(len(rows_np), self.width, dtype=self.dtype, device=self.device)
-        starts, ends = self.crow[rows_np], self.crow[rows_np + 1]
-        counts = ends - starts
-        total = int(counts.sum())
         if total == 0:
             return out
-        local = np.repeat(np.arange(len(rows_np), dtype=np.int64), counts)
-        offsets = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        src = host_to_device(torch.from_numpy(np.repeat(starts, counts) + offsets), self.device)
-        dst = host_to_device(torch.from_numpy(local), self.device)
-        out[dst, self.cols.index_select(0, src)] = self.values.index_select(0, src)
+        starts = self.crow_device.index_select(0, rows_device)
+        counts = self.crow_device.index_select(0, rows_device + 1) - starts
+        local = torch.repeat_interleave(torch.arange(len(rows_np), device=self.device), counts, output_size=total)
+        first = torch.cumsum(counts, 0) - counts  # each row's first position in the gathered entries
+        src = starts.index_select(0, local) + torch.arange(total, device=self.device) - first.index_select(0, local)
+        out[local, self.cols.index_select(0, src)] = self.values.index_select(0, src)
         return out
+
+
+def finish_sparse_encode(model, bound, table, item_rows: list, singular: bool):
+    """``SparseEncoder.encode``'s result from the rows directly, for the plain arguments.
+
+    Stock's loop, replayed, still turns every batch into a sparse tensor, unbinds it into per-row
+    sparse tensors and stacks them again, each a few device calls per row (measured on an H200: most
+    of stock's own encode time on a random bert-base SPLADE model). Here: the rows in input order,
+    ``max_active_dims`` by stock's own ``select_max_active_dims`` (per row, so any grouping of rows
+    gives the same result), then one sparse COO tensor with stock's layout (rows in input order, a
+    row's columns ascending, not marked coalesced), a dense stacked tensor, or (dense rows,
+    ``convert_to_tensor=False``) the list of its rows; on the CPU with ``save_to_cpu``. Anything else
+    (a single input, lists of sparse rows, a progress bar, a bad ``batch_size``, a subclass's own
+    ``encode``) returns ``NotImplemented``: stock's method replays the rows."""
+    import logging
+
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.util import select_max_active_dims
+
+    if getattr(type(model), "encode", None) is not SparseEncoder.encode or not isinstance(table, SparseRows):
+        return NotImplemented
+    a = bound.arguments
+    batch_size = a.get("batch_size", 32)
+    if singular or not item_rows or not isinstance(batch_size, int) or batch_size <= 0:
+        return NotImplemented
+    show = a.get("show_progress_bar")
+    if show is None:  # stock's rule: a bar when its module logs at INFO or DEBUG
+        show = logging.getLogger(SparseEncoder.encode.__module__).getEffectiveLevel() in (logging.INFO, logging.DEBUG)
+    convert_to_tensor = bool(a.get("convert_to_tensor", True))
+    to_sparse = bool(a.get("convert_to_sparse_tensor", True))
+    if show or (to_sparse and not convert_to_tensor):
+        return NotImplemented
+    model._resolve_prompt(a.get("prompt"), a.get("prompt_name"))  # stock's warning when both are given
+    max_active_dims = a.get("max_active_dims")
+    if max_active_dims is None:
+        max_active_dims = getattr(model, "max_active_dims", None)
+    n = len(item_rows)
+    step = max(1, FINISH_CHUNK_ELEMENTS // max(table.width, 1))
+    pieces = []
+    with torch.inference_mode():
+        for a0 in range(0, n, step):
+            rows = table.select_rows(item_rows[a0 : a0 + step])
+            if max_active_dims is not None:
+                rows = select_max_active_dims(rows, max_active_dims=max_active_dims)
+            if to_sparse:
+                nz = rows.nonzero()
+                pieces.append((nz[:, 0] + a0, nz[:, 1], rows[nz[:, 0], nz[:, 1]]))
+            else:
+                pieces.append(rows)
+    # assembled outside inference mode: the result is an ordinary tensor, as stock's
+    if to_sparse:
+        indices = torch.stack([torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])])
+        with torch.sparse.check_sparse_tensor_invariants(enable=False):  # valid by construction
+            out = torch.sparse_coo_tensor(indices, torch.cat([p[2] for p in pieces]), (n, table.width), check_invariants=False)
+    else:
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+    if a.get("save_to_cpu", False):
+        out = out.cpu()
+    return out if convert_to_tensor else list(out)
