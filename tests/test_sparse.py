@@ -445,8 +445,9 @@ def _assert_grads_close(got, ref, rtol=1e-4):
 @pytest.mark.parametrize(
     "strategy,lora,cached,chunked",
     [("max", None, False, False), ("max", None, False, True), ("sum", None, False, True), ("max", 4, False, False),
-     ("sum", 4, False, False), ("max", None, True, False)],
-    ids=["max-full", "max-full-chunked", "sum-full-chunked", "max-lora", "sum-lora", "max-full-cached"],
+     ("sum", 4, False, False), ("max", {"r": 4, "target_modules": ["query", "value", "decoder"]}, False, True),
+     ("max", None, True, False)],
+    ids=["max-full", "max-full-chunked", "sum-full-chunked", "max-lora", "sum-lora", "max-lora-on-decoder", "max-full-cached"],
 )
 def test_splade_loss_gradients_match_stock(saved, monkeypatch, head_calls, strategy, lora, cached, chunked):
     if chunked:
@@ -461,7 +462,9 @@ def test_splade_loss_gradients_match_stock(saved, monkeypatch, head_calls, strat
         assert head_calls  # the packed head ran (all columns at once, or per mini-batch for the cached loss)
     else:
         fastst_plugin.enable_fast(model, lora=lora, kernels="torch")
-        assert any("lora_A" in n and "predictions.transform" in n for n, _ in model.named_parameters())
+        # the default targets reach the head's transform; a decoder with LoRA runs its own forward
+        wrapped = "decoder" if isinstance(lora, dict) else "predictions.transform"
+        assert any("lora_A" in n and wrapped in n for n, _ in model.named_parameters())
         with torch.no_grad():  # LoRA B starts at zero: give A's gradients something to flow through
             for name, p in model.named_parameters():
                 if "lora_B" in name:
