@@ -104,12 +104,12 @@ long)  # issue #6's 1024-token cells (large training buckets captured, and eager
 direct)  # parameter gradients written by the graphed step itself (default) vs one autograd edge each
         # (FASTST_GRAPH_GRADS=edges): the trainer's step (DDP runner, one GPU) and the LoRA 256 table
   D="python3 -m fastst_plugin.bench.ddp --model bert-base --lora-r 32 --global-batch 128 --steps 50 --max-seq-length 256 --warmup 5 --seed 0 --bf16 --no-dropout"
-  stage trainer-direct; timeout 80 $D --out $R/trainer --tag direct > $R/trainer.log 2>&1
-  stage trainer-edges; FASTST_GRAPH_GRADS=edges timeout 80 $D --out $R/trainer --tag edges >> $R/trainer.log 2>&1
+  stage trainer-direct; timeout 70 $D --out $R/trainer --tag direct > $R/trainer.log 2>&1
+  stage trainer-edges; FASTST_GRAPH_GRADS=edges timeout 70 $D --out $R/trainer --tag edges >> $R/trainer.log 2>&1
   python3 -m fastst_plugin.bench.ddp compare $R/trainer/*direct*.jsonl $R/trainer/*edges*.jsonl --same-world > $R/trainer-compare.md 2>&1
-  stage train;   timeout 240 $B train $T --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders stock,fastst --out $R/train --time-budget 220 > $R/train.log 2>&1
-  stage profile-long; OUT=$R timeout 100 python3 tests/gpu/profile_step.py embeddinggemma-300m --steps 6 --max-seq-length 1024 \
+  stage train;   timeout 200 $B train $T --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --out $R/train --time-budget 180 > $R/train.log 2>&1
+  stage profile-long; OUT=$R timeout 80 python3 tests/gpu/profile_step.py embeddinggemma-300m --steps 6 --max-seq-length 1024 \
     --extra=--long-docs --tag=-1024 > $R/prof-long.log 2>&1
   cat $R/trainer-compare.md >> $R/timeline.txt
   ;;
