@@ -28,11 +28,17 @@ token-chunked computation that never holds more than one chunk of logits:
 Pooling options the packed path does not know (a future ``SpladePooling`` strategy or activation)
 fall back to stock's own ``SpladePooling.forward`` on re-padded logits, with one warning.
 
-Inference (:meth:`SparseEncoder.encode`) goes through :mod:`fastst_plugin.inference` like dense
-models; the rows come back through :class:`SparseRows` (their non-zero entries only: a dense table of
-a large corpus at vocab width would not fit where stock's sparse rows do) and stock's ``encode``
-replays them at its own batch size, so ``max_active_dims``, ``convert_to_sparse_tensor``,
-``save_to_cpu``... are stock's code.
+Inference (:meth:`SparseEncoder.encode`, so ``encode_query`` / ``encode_document``) goes through
+:mod:`fastst_plugin.inference` like dense models; the rows are gathered in :class:`SparseRows` (their
+non-zero entries only: a dense table of a large corpus at vocab width would not fit where stock's
+sparse rows do). :func:`finish_sparse_encode` builds stock's result from them in whole-table
+operations (``max_active_dims`` by stock's own function); for the arguments it leaves alone, stock's
+``encode`` replays the rows at its own batch size.
+
+Measured on an H200 (``tests/gpu/sparse_checks.py``, random bert-base-sized SPLADE, bf16, 2,000 Debian
+documents at max_seq_length 256): ``encode`` 5.9x stock at batch_size 32, 4.1x at 128 (a bias-shifted
+copy with ~200 active dimensions per document); a fp32 SpladeLoss step on 32 pairs 1.8x with a third
+of stock's peak memory; a bf16 LoRA step on 64 pairs 1.4x in 1.8 GB instead of 13 GB.
 """
 
 from __future__ import annotations
