@@ -15,7 +15,8 @@ the next replay would overwrite it, e.g. under gradient accumulation), and a rep
 the eager path runs instead — while an earlier graphed forward still waits for its backward (its
 saved activations live in the shared pool).
 
-Not graphed (eager fallback, same results): CPU, autocast with caching, the "offload" checkpointing
+Under autocast, a bucket is captured per autocast dtype, with autocast's weight cache off inside
+the capture (``_capture_autocast``). Not graphed (eager fallback, same results): CPU, the "offload" checkpointing
 mode, checkpointing while the forward draws random numbers (dropout: the recompute inside the
 backward graph would draw new ones), inputs without a host pack, texts longer than the capture's
 length cap, inference batches over ``GRAPH_MAX_TOKENS`` tokens, training steps over it that do not
@@ -170,6 +171,25 @@ def _capture_stream(device) -> "torch.cuda.Stream":
     return stream
 
 
+def _autocast_dtype():
+    """The CUDA autocast dtype in force (part of a bucket's key), or None outside autocast."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+
+def _capture_autocast(dtype):
+    """Autocast for a warm-up or capture under ``dtype`` (None: none), with autocast's weight cache off.
+
+    Why off: the cache keeps each weight's low-precision copy until the outermost autocast region
+    exits; captured with it, a graph would read a copy made outside the capture, freed after this
+    step and stale after the optimizer's update. Without it the casts are kernels inside the graph,
+    re-run at every replay (eagerly they run once per step too: a training step enters autocast
+    afresh). This is what makes a trainer with ``bf16=True`` over fp32 weights (the common setup)
+    replay graphs instead of running eagerly."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
 def _is_large(key: tuple) -> bool:
     return key[0] > GRAPH_MAX_TOKENS
 
@@ -279,8 +299,6 @@ def replays_possible(encoder, device) -> bool:
         return False
     if encoder.graphed is not None and encoder.graphed.disabled_reason is not None:
         return False  # a capture failed: this model runs eagerly
-    if torch.is_autocast_enabled("cuda"):
-        return False  # autocast's weight cache cannot live across replays
     if torch.distributed.is_available() and torch.distributed.is_initialized() and not _ddp_graphs(encoder):
         return False  # see _ddp_graphs
     return True
@@ -372,7 +390,7 @@ class GraphedEncoder:
         n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
         coarse = not grad or getattr(hp, "coarse_seq_buckets", False)
         return (t_b, bucket_seqs_no_grad(n) if coarse else bucket_seqs(n),
-                self.encoder.base.training, self.encoder.uses_token_types, mode, grad)
+                self.encoder.base.training, self.encoder.uses_token_types, _autocast_dtype(), mode, grad)
 
     def _get_or_capture(self, key, hp: HostPack, device) -> "_Captured | None":
         cap = self.graphs.get(key)
@@ -444,7 +462,7 @@ class GraphedEncoder:
 
     # -- capture ----------------------------------------------------------------------------------
     def _capture(self, key, hp: HostPack, device) -> _Captured:
-        t_b, n_b, training, with_tt, _mode, grad = key
+        t_b, n_b, training, with_tt, amp, _mode, grad = key
         static = _StaticBatch(t_b, n_b, self.cap, device, with_tt)
         static.fill(hp, self.encoder.pad_token_id)
         params = self._params() if grad else ()
@@ -459,7 +477,7 @@ class GraphedEncoder:
         with _stand_ins(self.encoder.base, params) as leaves:
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: lazy inits, autotuning and caches stay out of the capture
-                    with torch.set_grad_enabled(grad):
+                    with torch.set_grad_enabled(grad), _capture_autocast(amp):
                         before = torch.cuda.memory_allocated(device)
                         out = self.encoder.forward_eager(packed)
                         held = max(held, torch.cuda.memory_allocated(device) - before)
@@ -472,7 +490,7 @@ class GraphedEncoder:
                 _check_room(device, held)
             mode = _capture_mode()
             fwd = torch.cuda.CUDAGraph()
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), _capture_autocast(amp):
                 with torch.cuda.graph(fwd, pool=self.pool, stream=side, capture_error_mode=mode):
                     out = self.encoder.forward_eager(packed)
             bwd = grad_out = grad_params = None

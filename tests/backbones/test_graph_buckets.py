@@ -253,3 +253,19 @@ def test_large_graphs_can_be_switched_off(monkeypatch):
     for _ in range(3):
         assert graphed._get_or_capture(_key(49152), None, "cuda") is None
     assert captured == []
+
+
+def test_autocast_dtype_is_part_of_the_bucket(monkeypatch):
+    # A graph captured under bf16 autocast replays bf16 casts: it must not serve a step without
+    # autocast (or under fp16), and vice versa.
+    from types import SimpleNamespace
+
+    from fastst_plugin import graphs
+
+    graphed = graphs.GraphedEncoder(SimpleNamespace(base=SimpleNamespace(training=True), uses_token_types=True), cap=16)
+    hp = host_pack(torch.tensor([[5, 6, 7], [5, 6, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    plain = graphed._key(hp, True, "off")
+    monkeypatch.setattr(graphs, "_autocast_dtype", lambda: torch.bfloat16)
+    amp = graphed._key(hp, True, "off")
+    assert plain != amp and amp[-1] is True and amp[-2] == "off"
+    assert graphs._capture_autocast(None).__class__.__name__ == "nullcontext"

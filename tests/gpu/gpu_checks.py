@@ -1,6 +1,7 @@
 """GPU checks for the fast path (run through the device tool; writes JSON lines to $OUT or ./gpu-out).
 
     python tests/gpu/gpu_checks.py parity [models...]      bf16 embeddings + gradients vs stock
+    python tests/gpu/gpu_checks.py amp [models...]         fp32 weights under bf16 autocast, graphs and eager vs stock
 
 Speed and memory come from `fastst bench`, not from here.
 """
@@ -105,6 +106,39 @@ def parity(key, dtype=torch.bfloat16):
     _empty()
 
 
+def parity_amp(key):
+    """fp32 weights under bf16 autocast (a trainer with ``bf16=True``): fastst with CUDA graphs (captured
+    under autocast, weight cache off) and eagerly, against stock under the same autocast."""
+    import fastst_plugin
+    from fastst_plugin.bench.models import MODELS, build_model
+
+    built = build_model(MODELS[key], max_seq_length=256, device=DEVICE, dtype=torch.float32, dropout=False)
+    m = built.model
+    m.train()
+    qs, ds = _texts(32)
+    texts = qs + ds
+
+    def run(model=m):
+        model.zero_grad(set_to_none=True)
+        feats = model.preprocess(texts)
+        feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(feats)["sentence_embedding"]
+        w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=torch.float32)
+        (out.float() * w).sum().backward()
+        return out.detach().float(), _grads(model)
+
+    ref, gref = run()
+    fastst_plugin.enable_fast(m)
+    for variant in ("amp-graphs", "amp-graphs-replay", "amp-eager"):
+        if variant == "amp-eager":
+            fastst_plugin.enable_fast(m, cuda_graphs=False)
+        out, g = run()
+        _compare(key, "amp-bf16", variant, m, ref, gref, out, g)
+    del m, built
+    _empty()
+
+
 def _rel_errs(g, gref):
     """Sorted (relative error, name) per parameter gradient. Attention key biases get a mathematically
     zero gradient (softmax is shift-invariant): skipped."""
@@ -139,6 +173,8 @@ if __name__ == "__main__":
         try:
             if what == "parity":
                 parity(key)
+            elif what == "amp":
+                parity_amp(key)
         except Exception as e:  # keep going: one model's failure must not hide the others
             import traceback
 
