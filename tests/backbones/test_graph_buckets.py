@@ -269,3 +269,12 @@ def test_autocast_dtype_is_part_of_the_bucket(monkeypatch):
     amp = graphed._key(hp, True, "off")
     assert plain != amp and amp[-1] is True and amp[-2] == "off"
     assert graphs._capture_autocast(None).__class__.__name__ == "nullcontext"
+
+
+def test_graphs_under_autocast_are_opt_in(monkeypatch):
+    from fastst_plugin import graphs
+
+    monkeypatch.delenv("FASTST_AUTOCAST_GRAPHS", raising=False)
+    assert not graphs._autocast_graphs()  # until `gpu_checks.py amp` has run on a GPU
+    monkeypatch.setenv("FASTST_AUTOCAST_GRAPHS", "1")
+    assert graphs._autocast_graphs()
