@@ -431,14 +431,7 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
     run_batch = inference.head_runner(encoder, head)
     check_hp = first_token_is_position_zero if head.spec.pooling(head.hf_model.config) == "first" else None
 
-    def covered_predict(bound) -> bool:
-        a = bound.arguments
-        return (
-            fast_forward_usable()
-            and a.get("pool") is None
-            and inference.same_device(model, a.get("device"))
-            and plain_kwargs(a)
-        )
+    covered_predict = _plain_call_check(model, fast_forward_usable, plain_kwargs)
 
     def to_cpu_predict(bound) -> bool:
         a = bound.arguments
@@ -457,6 +450,23 @@ def _install_inference(model, transformer, state, *, head, followers, packed_poo
     patches.set(model, "predict", predict)
 
 
+def _plain_call_check(model, fast_forward_usable, plain_kwargs):
+    """``covered(bound)`` for predict / sparse encode: the fast forward is usable, no multi-process
+    pool, the model's own device, and only arguments the fast pipeline serves."""
+    from . import inference
+
+    def covered(bound) -> bool:
+        a = bound.arguments
+        return (
+            fast_forward_usable()
+            and a.get("pool") is None
+            and inference.same_device(model, a.get("device"))
+            and plain_kwargs(a)
+        )
+
+    return covered
+
+
 def _install_sparse_encode(model, transformer, state, followers, fast_forward_usable, plain_kwargs) -> None:
     """``SparseEncoder.encode`` (so ``encode_query`` / ``encode_document``) through the fast pipeline.
 
@@ -472,14 +482,7 @@ def _install_sparse_encode(model, transformer, state, followers, fast_forward_us
     stock_encode = model.encode
     run_batch = inference.embedding_runner(state.encoder, followers)
 
-    def covered(bound) -> bool:
-        a = bound.arguments
-        return (
-            fast_forward_usable()
-            and a.get("pool") is None
-            and inference.same_device(model, a.get("device"))
-            and plain_kwargs(a)
-        )
+    covered = _plain_call_check(model, fast_forward_usable, plain_kwargs)
 
     def encode(*args, **kwargs):
         return inference.fast_call(

@@ -584,20 +584,12 @@ class _GraphedStepDirect(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cap: _Captured, anchor):
-        ctx.cap = cap
-        cap.fwd.replay()
-        return cap.out.detach()
+        return _replay_forward(ctx, cap)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        cap = ctx.cap
-        owner = getattr(cap, "owner", None)
-        if owner is not None:
-            owner._pending = None
-        if grad.data_ptr() != cap.grad_out.data_ptr():
-            cap.grad_out.copy_(grad)
-        cap.bwd.replay()
+        cap = _replay_backward(ctx, grad)
         fresh_p, fresh_g, acc_p, acc_g = [], [], [], []
         for p, g in zip(cap.params, cap.grad_params):
             if g is None:
@@ -617,23 +609,35 @@ class _GraphedStepDirect(torch.autograd.Function):
         return None, None
 
 
+def _replay_forward(ctx, cap: _Captured) -> torch.Tensor:
+    ctx.cap = cap
+    cap.fwd.replay()
+    return cap.out.detach()
+
+
+def _replay_backward(ctx, grad) -> _Captured:
+    """The backward graph replayed for the output gradient ``grad``; its owner no longer waits."""
+    cap = ctx.cap
+    owner = getattr(cap, "owner", None)
+    if owner is not None:
+        owner._pending = None
+    if grad.data_ptr() != cap.grad_out.data_ptr():
+        cap.grad_out.copy_(grad)
+    cap.bwd.replay()
+    return cap
+
+
 class _GraphedStep(torch.autograd.Function):
+    """The graphed step with one autograd edge per trainable parameter (DDP, hooks, autograd.grad)."""
+
     @staticmethod
     def forward(ctx, cap: _Captured, *params):
-        ctx.cap = cap
-        cap.fwd.replay()
-        return cap.out.detach()
+        return _replay_forward(ctx, cap)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        cap = ctx.cap
-        owner = getattr(cap, "owner", None)
-        if owner is not None:
-            owner._pending = None
-        if grad.data_ptr() != cap.grad_out.data_ptr():
-            cap.grad_out.copy_(grad)
-        cap.bwd.replay()
+        cap = _replay_backward(ctx, grad)
         # Copies: the static buffers are overwritten by the next replay. One multi-tensor kernel
         # (x * 1.0 is exact) instead of a clone launch per parameter.
         present = [g for g in cap.grad_params if g is not None]

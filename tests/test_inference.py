@@ -21,16 +21,7 @@ from fastst_plugin.api import get_state
 from backbones._models import save_tiny  # tests/ is on sys.path (rootdir-relative test modules)
 
 FAMILIES = ["bert", "modernbert", "gemma3", "qwen3"]
-LONG = " ".join(f"word{i} package library" for i in range(80))  # far past max_seq_length 64: truncated
-TEXTS = [
-    "hello world",
-    "a much longer sentence about debian packages and their descriptions that goes on and on",
-    "",
-    "x y",
-    LONG,
-    "hello world",  # a duplicate
-    "the library provides bindings for the graphics toolkit used by several desktop programs",
-]
+from _texts import LONG, TEXTS  # tests/ is on sys.path; LONG is truncated at max_seq_length 64
 
 
 @pytest.fixture(autouse=True)

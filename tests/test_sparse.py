@@ -18,16 +18,7 @@ from fastst_plugin import inference, sparse
 from fastst_plugin.api import get_state
 from fastst_plugin.packing import HOST_PACK_KEY, host_pack
 
-LONG = " ".join(f"word{i} package library" for i in range(80))  # far past max_seq_length 48: truncated
-TEXTS = [
-    "hello world",
-    "a much longer sentence about debian packages and their descriptions that goes on and on",
-    "",
-    "x y",
-    LONG,
-    "hello world",  # a duplicate
-    "the library provides bindings for the graphics toolkit used by several desktop programs",
-]
+from _texts import LONG, TEXTS  # tests/ is on sys.path; LONG is truncated at max_seq_length 48
 QUERIES = ["what is vim", "graphics library", "debian package manager", "convert images", "python bindings", "q"]
 DOCS = [
     "vim is a text editor with many features and plugins for programmers",

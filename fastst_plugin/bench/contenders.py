@@ -321,21 +321,31 @@ def _note_fastst(run: Run, model) -> None:
 # ------------------------------------------------------------------------------------------ stepping
 
 
-def train_step(run: Run):
-    """One optimizer step; returns the (detached) loss tensor. No host synchronization."""
+def _no_stamp(phase: str) -> None:
+    pass
+
+
+def train_step(run: Run, stamp=_no_stamp):
+    """One optimizer step; returns the (detached) loss tensor. No host synchronization.
+    ``stamp(phase)`` is called as each phase ends (``tests/gpu/profile_step.py`` times them)."""
     feats, labels = run.batches[run.step_index % len(run.batches)]
     run.step_index += 1
     if isinstance(feats[0], Mapping):
         feats = [dict(f) for f in feats]  # modules write outputs into the dicts: fresh ones per step
+    stamp("features")
     with run.autocast():
         if run.loss_ctx is not None:
             with run.loss_ctx(run.built.model, feats, **run.extra_ctx_kwargs):
                 loss = run.loss_fn(feats, labels)
         else:
             loss = run.loss_fn(feats, labels)
+    stamp("forward+loss")
     loss.backward()
+    stamp("backward")
     run.optimizer.step()
+    stamp("optimizer.step")
     run.optimizer.zero_grad(set_to_none=True)
+    stamp("zero_grad")
     run._last_loss = loss.detach()
     return run._last_loss
 

@@ -109,12 +109,18 @@ def main() -> None:
 
 
 def _phase_breakdown(run, steps: int) -> str:
-    """Host milliseconds per step spent in each phase of ``contenders.train_step`` (same calls, with
-    perf_counter stamps between them), and the GPU span per step from CUDA events."""
-    from collections.abc import Mapping
+    """Host milliseconds per step spent in each phase of ``contenders.train_step`` (its ``stamp``
+    hook, perf_counter at each phase end), and the GPU span per step from CUDA events."""
+    from fastst_plugin.bench.contenders import train_step
 
-    names = ["features", "forward+loss", "backward", "optimizer.step", "zero_grad"]
-    spent = dict.fromkeys(names, 0.0)
+    spent: dict[str, float] = {}
+    last = [0.0]
+
+    def stamp(phase: str) -> None:
+        now = time.perf_counter()
+        spent[phase] = spent.get(phase, 0.0) + (now - last[0]) * 1e3
+        last[0] = now
+
     _sync()
     start = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
     end = torch.cuda.Event(enable_timing=True) if start is not None else None
@@ -122,27 +128,8 @@ def _phase_breakdown(run, steps: int) -> str:
         start.record()
     t_wall = time.perf_counter()
     for _ in range(steps):
-        t0 = time.perf_counter()
-        feats, labels = run.batches[run.step_index % len(run.batches)]
-        run.step_index += 1
-        if isinstance(feats[0], Mapping):
-            feats = [dict(f) for f in feats]
-        t1 = time.perf_counter()
-        with run.autocast():
-            if run.loss_ctx is not None:
-                with run.loss_ctx(run.built.model, feats, **run.extra_ctx_kwargs):
-                    loss = run.loss_fn(feats, labels)
-            else:
-                loss = run.loss_fn(feats, labels)
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        run.optimizer.step()
-        t4 = time.perf_counter()
-        run.optimizer.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
-        for name, a, b in zip(names, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
-            spent[name] += (b - a) * 1e3
+        last[0] = time.perf_counter()
+        train_step(run, stamp)
     host = (time.perf_counter() - t_wall) * 1e3 / steps
     gpu = None
     if start is not None:
