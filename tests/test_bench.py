@@ -92,6 +92,40 @@ def test_encode_smoke(tmp_path):
     assert by["fastst"]["status"] in ("ok", "failed", "unavailable")
 
 
+def test_sparse_encode_smoke(tmp_path):
+    # SparseEncoder (SPLADE): the tiny BertForMaskedLM + SpladePooling, decoder bias shifted for ~200
+    # active dims; Qwen3 has no masked-LM head: its cell is skipped and says why
+    out = str(tmp_path / "sparse")
+    rc = main(["encode", *SMOKE, "--api", "sparse-encode", "--models", "minilm,qwen3-0.6b", "--contenders", "stock,flat,fastst",
+               "--corpus-size", "8", "--out", out])
+    assert rc == 0
+    _, results = _records(out)
+    mini = {r["contender"]: r for r in results if r["model"] == "minilm"}
+    assert list(mini) == ["stock", "flat", "fastst"]
+    for name in ("stock", "fastst"):
+        r = mini[name]
+        assert r["status"] == "ok", (r.get("error"), r.get("traceback"))
+        assert r["api"] == "sparse-encode" and r["tokens_per_s"] > 0 and r["flops_per_step"] > 0
+        assert 20 < r["active_dims_mean"] < 2000  # the bias shift left a SPLADE-like number, not ~30k
+        assert any("bias shifted" in n for n in r["notes"])
+    assert mini["stock"]["agreement"] == 1.0
+    assert mini["fastst"]["agreement"] > 0.999  # mean cosine of the dense rows to stock's
+    assert "packed" in mini["fastst"]["fastst_backend"]
+    assert mini["flat"]["status"] == "unavailable" and "SparseEncoder" in mini["flat"]["error"]
+    qwen = [r for r in results if r["model"] == "qwen3-0.6b"]
+    assert len(qwen) == 3 and all(r["status"] == "skipped" and "masked-LM" in r["error"] for r in qwen)
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| minilm | 32 | sparse-encode | fastst |" in table and "cos=" in table
+    # --sparse-active-dims 0: the random weights as they are (nearly the whole vocabulary active)
+    dense_out = str(tmp_path / "sparse-random")
+    rc = main(["encode", *SMOKE, "--api", "sparse-encode", "--sparse-active-dims", "0", "--models", "minilm",
+               "--contenders", "stock", "--corpus-size", "4", "--out", dense_out])
+    assert rc == 0
+    (r,) = _records(dense_out)[1]
+    assert r["status"] == "ok" and r["active_dims_mean"] > 10 * mini["stock"]["active_dims_mean"]
+    assert any("no bias shift" in n for n in r["notes"])
+
+
 def test_time_budget_and_position_limit(tmp_path):
     out = str(tmp_path / "skip")
     rc = main(["train", *SMOKE, "--models", "minilm", "--max-seq-length", "1024", "--contenders", "stock", "--out", out])

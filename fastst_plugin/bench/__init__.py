@@ -3,7 +3,8 @@
 Workloads::
 
     fastst bench train   [options]   # loss forward + backward + AdamW step, per contender
-    fastst bench encode  [options]   # encode / encode_query / encode_document / CrossEncoder.predict
+    fastst bench encode  [options]   # encode / encode_query / encode_document / CrossEncoder.predict /
+                                     # SparseEncoder (SPLADE) encode (--api sparse-encode)
     fastst bench report  --out DIR   # re-render table.md and chart.png from DIR/results.jsonl
 
 Contenders, measured in one process on the same batches, A/B-interleaved over ``--repeats``
@@ -96,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     en = sub.add_parser("encode", help="encode a corpus")
     common(en)
-    en.add_argument("--api", default="encode", choices=["encode", "encode_query", "encode_document", "predict"])
+    en.add_argument("--api", default="encode", choices=["encode", "encode_query", "encode_document", "predict", "sparse-encode"],
+                    help="sparse-encode: a SparseEncoder (the model's *ForMaskedLM + SpladePooling('max')), SparseEncoder.encode")
+    en.add_argument("--sparse-active-dims", type=int, default=200, metavar="N",
+                    help="sparse-encode on a built model: shift the MLM decoder bias so that about N vocabulary dimensions per "
+                    "document are active, as in a trained SPLADE model (default 200; 0 keeps the random weights, which "
+                    "activate nearly the whole vocabulary)")
     en.add_argument("--corpus-size", type=int, default=None, help="texts per pass (default 2048)")
 
     rp = sub.add_parser("report", help="re-render table.md and chart.png from DIR/results.jsonl (or merge several runs)")
@@ -135,6 +141,7 @@ def _finalize(opts) -> None:
     if w == "train":
         opts.api = "-"
         opts.corpus_size = 0
+        opts.sparse_active_dims = 0
         if opts.lr is None:
             opts.lr = 2e-5 if opts.mode == "full" else 1e-4
     else:
@@ -231,7 +238,7 @@ def _quiet_libraries() -> None:
 
 def _run(opts) -> int:
     from . import report
-    from .runner import add_speedups, cell_info, load_data, log, make_cell, read_jsonl, run_cell, run_record, write_jsonl
+    from .runner import add_speedups, cell_info, load_data, log, make_cell, read_jsonl, run_cell, run_record, unsupported_reason, write_jsonl
 
     _quiet_libraries()
     os.makedirs(opts.out, exist_ok=True)
@@ -255,6 +262,11 @@ def _run(opts) -> int:
         if opts.time_budget is not None and elapsed > opts.time_budget:
             log(f"time budget {opts.time_budget:.0f}s spent ({elapsed:.0f}s): skipping {m} L={L} B={B}")
             write_jsonl(path, [_skip_record(cell, c, f"time budget of {opts.time_budget:.0f}s spent") for c in opts.contender_list])
+            continue
+        unsupported = unsupported_reason(cell)
+        if unsupported:
+            log(f"skip {m} L={L}: {unsupported}")
+            write_jsonl(path, [_skip_record(cell, c, unsupported) for c in opts.contender_list])
             continue
         info = cell_info(cell)
         if info.max_position_embeddings and L > info.max_position_embeddings:

@@ -28,6 +28,7 @@ from . import flat as flat_mod
 from .models import BuiltModel, apply_lora_stock, build_model, cleanup_folder, layer_linear_names, lora_config, quantize_4bit_stock
 
 CONTENDERS = ("stock", "flat", "unsloth", "fastst")
+SPLADE_CALIBRATION_TEXTS = 8  # corpus texts the SPLADE bias shift is computed on (models.shift_splade_bias)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class CellSpec:
     batch_size: int
     mode: str  # lora | full | qlora (train); "inference" for encode
     loss: str  # mnrl | cached-mnrl | cosent | ce  (train)
-    api: str  # encode | encode_query | encode_document | predict  (encode)
+    api: str  # encode | encode_query | encode_document | predict | sparse-encode  (encode)
     lora_r: int
     lr: float
     dtype_name: str
@@ -53,10 +54,16 @@ class CellSpec:
     fastst_options: dict
     batches_text: list  # train: [(queries, docs, labels)]
     corpus: list  # encode: texts, or (query, doc) pairs for predict
+    sparse_active_dims: int = 0  # sparse-encode on a built model: decoder bias shifted for ~this many active dims (0: off)
 
     @property
     def cross_encoder(self) -> bool:
         return self.loss == "ce" if self.workload == "train" else self.api == "predict"
+
+    @property
+    def sparse(self) -> bool:
+        """A SparseEncoder (SPLADE) cell: ``encode --api sparse-encode``."""
+        return self.workload == "encode" and self.api == "sparse-encode"
 
 
 @dataclass
@@ -201,6 +208,9 @@ def _build(run: Run, cell: CellSpec) -> None:
 
     dtype = torch_dtype(cell.dtype_name)
     attn = "sdpa"
+    if run.name == "flat" and cell.sparse:
+        run.fail("not wired for SparseEncoder cells (sparse-encode compares stock and fastst)", status="unavailable")
+        return
     if run.name == "flat":
         attn, why = flat_mod.availability(cell.device, cell.cross_encoder)
         if attn is None:
@@ -232,8 +242,12 @@ def _build(run: Run, cell: CellSpec) -> None:
         smoke=cell.smoke,
         seed=cell.seed,
         dropout=cell.dropout,
+        sparse=cell.sparse,
+        sparse_active_dims=cell.sparse_active_dims,
+        calibration_texts=list(cell.corpus[:SPLADE_CALIBRATION_TEXTS]) if cell.sparse else None,
     )
     run.built = built
+    run.notes += built.notes
     model, hf = built.model, built.hf_model
     if run.name == "flat":
         flat_mod.enable_flattening(built.transformer)
@@ -357,6 +371,10 @@ def encode_pass(run: Run, cell: CellSpec, texts=None, convert_to_tensor: bool = 
     with run.autocast():
         if cell.api == "predict":
             return model.predict(texts, convert_to_tensor=convert_to_tensor, **kw)
+        if cell.sparse:
+            # SparseEncoder.encode with its defaults (one sparse COO tensor, left on the device); the
+            # agreement sample is densified by the caller
+            return model.encode(texts, **kw)
         fn = getattr(model, cell.api)
         return fn(texts, convert_to_tensor=convert_to_tensor, **kw)
 

@@ -3,7 +3,12 @@ weights (nothing is downloaded), or any local model folder.
 
 Every model is a stock ``SentenceTransformer`` (or ``CrossEncoder``) made of the same modules the
 published checkpoint uses (``Transformer`` → ``Pooling`` → optional ``Dense`` → ``Normalize``). Only
-the weights are random: speed and memory do not depend on their values.
+the weights are random: speed and memory do not depend on their values. ``encode --api
+sparse-encode`` builds a ``SparseEncoder`` instead: the architecture's ``*ForMaskedLM``
+(``Transformer(..., transformer_task="fill-mask")``) + ``SpladePooling("max")``. There the values do
+matter for the output's sparsity (random weights activate nearly the whole vocabulary), so by default
+the decoder bias is shifted to leave about as many active dimensions as a trained SPLADE model has
+(:func:`shift_splade_bias`).
 
 Tokenizer. There is no tokenizer for ModernBERT, EmbeddingGemma or Qwen3 without a download, so every
 built model uses BERT's WordPiece tokenizer (uncased, 30,522 ids, pad id 0): the real
@@ -246,6 +251,23 @@ def model_config(mdef: ModelDef, smoke: bool = False):
     return AutoConfig.for_model(mdef.model_type, **fields)
 
 
+def sparse_unsupported(spec: ModelDef | str) -> str | None:
+    """Why ``spec`` cannot be a SparseEncoder (SPLADE needs a masked-LM head), or None. Local folders
+    are loaded as they are (a SparseEncoder folder, or an MLM checkpoint ST wraps in SPLADE)."""
+    if not isinstance(spec, ModelDef):
+        return None
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return None
+    if spec.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return None
+    return (
+        f"no masked-LM head: {spec.display} ({spec.model_type}) has no *ForMaskedLM in transformers, "
+        "which a SparseEncoder (SPLADE) needs; sparse-encode runs on minilm, bert-base, modernbert-base"
+    )
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -330,12 +352,13 @@ def _random_init_loading(device: str):
 
 @dataclass
 class BuiltModel:
-    model: Any  # SentenceTransformer | CrossEncoder
+    model: Any  # SentenceTransformer | CrossEncoder | SparseEncoder
     transformer: Any  # its Transformer module
     hf_model: Any
     config: Any
     tokenizer_note: str
     folder: str | None = None
+    notes: list = field(default_factory=list)  # what the record should say about the build (SPLADE bias shift)
 
 
 def build_model(
@@ -349,8 +372,15 @@ def build_model(
     smoke: bool = False,
     seed: int = 0,
     dropout: bool = True,
+    sparse: bool = False,
+    sparse_active_dims: int | None = None,
+    calibration_texts: list[str] | None = None,
 ) -> BuiltModel:
-    """A fresh stock model; the same ``seed`` gives the same weights for every contender."""
+    """A fresh stock model; the same ``seed`` gives the same weights for every contender.
+
+    ``sparse``: a ``SparseEncoder`` (the architecture's ``*ForMaskedLM`` + ``SpladePooling("max")``);
+    for a built model with ``sparse_active_dims``, the decoder bias is shifted (on
+    ``calibration_texts``) to leave about that many active dimensions per document."""
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
     from sentence_transformers.base.modules.transformer import Transformer
@@ -359,6 +389,17 @@ def build_model(
     model_kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     torch.manual_seed(seed)
     if isinstance(spec, str):  # a local model folder: its own weights, tokenizer and modules
+        if sparse:
+            from sentence_transformers import SparseEncoder
+
+            model = SparseEncoder(spec, device=device, model_kwargs=model_kwargs)
+            model.max_seq_length = max_seq_length
+            transformer = next(m for m in model.modules() if isinstance(m, Transformer))
+            if not dropout:
+                _disable_dropout(transformer.model)
+            built = BuiltModel(model, transformer, transformer.model, transformer.model.config, "the model's own", None)
+            built.notes.append("SPLADE: the model's own weights (no decoder bias shift)")
+            return built
         if cross_encoder:
             model = CrossEncoder(spec, device=device, max_length=max_seq_length, model_kwargs=model_kwargs)
         else:
@@ -377,7 +418,16 @@ def build_model(
     folder = tempfile.mkdtemp(prefix=f"fastst-bench-{spec.key}-")
     tok_note = write_model_folder(config, folder)
     with _random_init_loading(device):
-        if cross_encoder:
+        if sparse:
+            from sentence_transformers import SparseEncoder
+            from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+            reason = sparse_unsupported(spec)
+            if reason:
+                raise ValueError(reason)
+            transformer = Transformer(folder, transformer_task="fill-mask", model_kwargs=model_kwargs, max_seq_length=max_seq_length)
+            model = SparseEncoder(modules=[transformer, SpladePooling("max")], device=device)
+        elif cross_encoder:
             model = CrossEncoder(folder, device=device, num_labels=1, max_length=max_seq_length, model_kwargs=model_kwargs)
             transformer = next(m for m in model.modules() if isinstance(m, Transformer))
         else:
@@ -397,7 +447,63 @@ def build_model(
         tok.padding_side = spec.padding_side
         tok.model_max_length = max_seq_length
     model.to(device)
-    return BuiltModel(model, transformer, transformer.model, transformer.model.config, tok_note, folder)
+    built = BuiltModel(model, transformer, transformer.model, transformer.model.config, tok_note, folder)
+    if sparse:
+        vocab = int(transformer.model.get_output_embeddings().out_features)
+        if sparse_active_dims and calibration_texts:
+            key = (spec.key, smoke, seed, str(dtype), str(device), max_seq_length, sparse_active_dims, tuple(calibration_texts))
+            shift = shift_splade_bias(transformer, calibration_texts, sparse_active_dims, max_seq_length, cache_key=key)
+            built.notes.append(
+                f"SPLADE: decoder bias shifted by {-shift:+.3g} for ~{sparse_active_dims} active dims per document, as a "
+                f"trained model (random weights activate nearly all {vocab:,}); --sparse-active-dims 0 turns this off"
+            )
+        else:
+            built.notes.append(f"SPLADE: random weights, no bias shift (nearly all {vocab:,} dims active per document)")
+    return built
+
+
+_SPLADE_SHIFTS: dict = {}
+
+
+def shift_splade_bias(transformer, texts: list[str], active_dims: int, max_seq_length: int, cache_key=None) -> float:
+    """Shift the MLM decoder bias of a random-weight SPLADE model so that about ``active_dims``
+    vocabulary dimensions per document stay active (a trained SPLADE model keeps a few hundred; random
+    weights activate nearly all of them). SPLADE's max pooling of log(1 + relu(logit)) makes a
+    dimension active when its largest logit over the document's tokens is > 0: the shift is the
+    (1 - active_dims / vocab) quantile of those per-document maxima over ``texts`` (the trick of
+    ``tests/gpu/sparse_checks.py``). Returns the shift; the same ``cache_key`` (same weights and texts)
+    reuses the first value, so every contender of a cell gets exactly the same model."""
+    import torch
+
+    hf = transformer.model
+    out = hf.get_output_embeddings()
+    if out is None or getattr(out, "bias", None) is None:
+        raise ValueError(f"{type(hf).__name__} has no decoder bias to shift; use --sparse-active-dims 0")
+    shift = _SPLADE_SHIFTS.get(cache_key) if cache_key is not None else None
+    if shift is None:
+        tok = transformer.tokenizer
+        device = out.weight.device
+        was_training = hf.training
+        hf.eval()
+        maxima = []
+        try:
+            with torch.no_grad():
+                for text in texts:  # one text at a time: no padding to mask, a small logits tensor
+                    enc = tok([text], truncation=True, max_length=max_seq_length, return_tensors="pt")
+                    # token_type_ids: all zeros for one text, the BERT default; ModernBERT takes none
+                    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                    maxima.append(hf(**enc).logits[0].float().amax(0))
+        finally:
+            hf.train(was_training)
+        per_doc_max = torch.stack(maxima).flatten()
+        vocab = maxima[0].numel()
+        q = min(1.0, max(0.0, 1.0 - active_dims / vocab))
+        shift = float(torch.quantile(per_doc_max[::7].cpu(), q))
+        if cache_key is not None:
+            _SPLADE_SHIFTS[cache_key] = shift
+    with torch.no_grad():
+        out.bias.copy_((out.bias.float() - shift).to(out.bias.dtype))
+    return shift
 
 
 def _disable_dropout(module) -> None:

@@ -62,20 +62,32 @@ def _config_for(spec, cross_encoder: bool, smoke: bool):
     return AutoConfig.from_pretrained(spec)
 
 
-def _linear_counts(config, lora_r: int | None, cross_encoder: bool) -> tuple[int, int]:
-    """(N, R) of :mod:`.measure` from a model built on the meta device (no memory, no time)."""
+def _linear_counts(config, lora_r: int | None, cross_encoder: bool, sparse: bool = False) -> tuple[int, int]:
+    """(N, R) of :mod:`.measure` from a model built on the meta device (no memory, no time).
+    ``sparse`` (SPLADE): N also counts the masked-LM head's linear layers (transform and vocabulary
+    projection), which run on every token and are a large share of the work (bert-base: 24M of 109M
+    multiply-adds per token); LoRA ranks stay those of the transformer layers."""
     import torch
     import transformers
 
     from .models import layer_linear_names
 
-    cls = transformers.AutoModelForSequenceClassification if cross_encoder else transformers.AutoModel
+    if sparse:
+        cls = transformers.AutoModelForMaskedLM
+    else:
+        cls = transformers.AutoModelForSequenceClassification if cross_encoder else transformers.AutoModel
     with torch.device("meta"):
         m = cls.from_config(config)
     names = layer_linear_names(m)
+    if sparse:
+        layer_names = set(names)
+        head = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and n not in layer_names]
+        n_head = sum(i * o for i, o in measure.linear_sizes(m, head))
+    else:
+        n_head = 0
     sizes = measure.linear_sizes(m, names)
     del m
-    n_lin = sum(i * o for i, o in sizes)
+    n_lin = sum(i * o for i, o in sizes) + n_head
     r_sum = sum(lora_r * (i + o) for i, o in sizes) if lora_r else 0
     return n_lin, r_sum
 
@@ -104,7 +116,7 @@ def cell_info(cell: CellSpec) -> CellInfo:
     config = _config_for(cell.model_spec, cell.cross_encoder, cell.smoke)
     flops = n_lin = r_sum = None
     try:
-        n_lin, r_sum = _linear_counts(config, cell.lora_r if cell.mode in ("lora", "qlora") else None, cell.cross_encoder)
+        n_lin, r_sum = _linear_counts(config, cell.lora_r if cell.mode in ("lora", "qlora") else None, cell.cross_encoder, cell.sparse)
         attn = measure.attention_flops_fwd(config, seq_lens)
         flops = measure.step_flops(
             workload=cell.workload, mode=cell.mode, n_lin=n_lin, lora_rank_sum=r_sum, tokens=sum(seq_lens), attn_fwd=attn
@@ -120,6 +132,15 @@ def cell_info(cell: CellSpec) -> CellInfo:
         lora_rank_sum=r_sum,
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
     )
+
+
+def unsupported_reason(cell: CellSpec) -> str | None:
+    """Why a cell cannot run at all (every contender is recorded as skipped with this), or None."""
+    if cell.sparse:
+        from .models import sparse_unsupported
+
+        return sparse_unsupported(cell.model_spec)
+    return None
 
 
 def make_cell(opts, model_name: str, L: int, B: int, pairs) -> CellSpec:
@@ -165,6 +186,7 @@ def make_cell(opts, model_name: str, L: int, B: int, pairs) -> CellSpec:
         fastst_options=dict(opts.fastst_options),
         batches_text=batches,
         corpus=corpus,
+        sparse_active_dims=int(getattr(opts, "sparse_active_dims", 0) or 0) if opts.workload == "encode" else 0,
     )
 
 
@@ -191,7 +213,13 @@ def warmup_run(run: Run, cell: CellSpec, warmup: int, mem: measure.MemoryWatch) 
                 if i == 0:
                     run.extra["first_pass_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
             out = encode_pass(run, cell, list(texts[:AGREEMENT_SAMPLE]), convert_to_tensor=True)
+            if getattr(out, "is_sparse", False):  # SparseEncoder: compare the dense rows
+                out = out.to_dense()
             run.sample_output = out.detach().float().cpu()
+            if cell.sparse:
+                active = float((run.sample_output != 0).sum(-1).float().mean())
+                run.extra["active_dims_mean"] = round(active, 1)
+                run.notes.append(f"SPLADE: {active:,.0f} active dims per document (mean over the {len(run.sample_output)}-text agreement sample)")
         measure.sync(cell.device)
         run.peak_alloc_gb, run.peak_reserved_gb = mem.stop()
     except BaseException as exc:  # noqa: BLE001

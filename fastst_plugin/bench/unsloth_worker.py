@@ -61,6 +61,8 @@ def run_unsloth_subprocess(cell, opts):
         return run.fail(f"{why}", status="unavailable")
     if cell.cross_encoder:
         return run.fail("Unsloth's FastSentenceTransformer has no CrossEncoder", status="unavailable")
+    if getattr(cell, "sparse", False):
+        return run.fail("not wired for SparseEncoder cells (the harness runs Unsloth's FastSentenceTransformer only)", status="unavailable")
     if not cell.device.startswith("cuda") and not os.environ.get("FASTST_BENCH_UNSLOTH_ON_CPU"):  # (the env var: plumbing tests)
         return run.fail("Unsloth needs a CUDA GPU", status="unavailable")
     spec = {
