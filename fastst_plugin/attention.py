@@ -9,9 +9,10 @@ Backends:
   ``torch_varlen``  PyTorch's built-in FlashAttention-2 varlen kernel (``torch.nn.attention.varlen``):
                     CUDA, fp16/bf16; windows and GQA when this torch's signature has them.
   ``flash_attn``    the flash-attn package's ``flash_attn_varlen_func`` when installed.
-  ``sdpa``          re-pad to ``[N, L]`` and call ``scaled_dot_product_attention`` with a mask: any
-                    device and dtype, supports everything (also attention-probability dropout); the
-                    CPU default and the fallback for what the flash kernels refuse.
+  ``sdpa``          ``scaled_dot_product_attention``: on the CPU (its default there) per sequence,
+                    unpadded; elsewhere re-padded to ``[N, L]`` with a mask. Any device and dtype,
+                    supports everything (also attention-probability dropout); the fallback for what
+                    the flash kernels refuse.
   ``triton``        this package's Triton varlen kernel (``kernels/varlen_attention.py``), built for many
                     short sequences: CUDA fp16/bf16/fp32 (and the interpreter), head dim <= 128, GQA,
                     causal, windows; no dropout (falls back when p > 0). ``auto`` picks it on CUDA for
@@ -188,6 +189,8 @@ def _mask_from(pos_q, pos_k, causal, window):
 
 
 def _run_sdpa(q, k, v, cu, max_seqlen, causal, window, scale, dropout_p, seq_info):
+    if cu.device.type == "cpu" and q.device.type == "cpu":
+        return _run_sdpa_per_sequence(q, k, v, cu, causal, window, scale, dropout_p)
     from .packing import pad_packed, unpad_to_packed
 
     n = cu.numel() - 1
@@ -209,6 +212,31 @@ def _run_sdpa(q, k, v, cu, max_seqlen, causal, window, scale, dropout_p, seq_inf
         dropout_p=dropout_p, scale=scale, enable_gqa=hq != hk,
     ).transpose(1, 2)
     return unpad_to_packed(out, seq_info, cu, max_seqlen)
+
+
+def _run_sdpa_per_sequence(q, k, v, cu, causal, window, scale, dropout_p):
+    """SDPA on each packed sequence's own rows (CPU): no padding, and no mask unless a window asks
+    for one, so torch's CPU flash kernel runs. Measured on 2 cores (fp32, 12 heads x 64): 2-2.5x
+    faster than re-padding with a mask for 128-256 texts, as fast for 1,000 very short ones; the
+    boundaries are read from host memory (on a GPU the loop would synchronise: padded there)."""
+    bounds = cu.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        mask = None
+        if window is not None:
+            pos = torch.arange(e - s, device=q.device)
+            mask = _mask_from(pos, pos, causal, window)
+        out = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
+            dropout_p=dropout_p, is_causal=causal and window is None, scale=scale, enable_gqa=gqa,
+        )
+        outs.append(out.transpose(0, 1))
+    if not outs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outs)
 
 
 def attention_reference(q, k, v, cu_seqlens, *, causal=False, window=None, scale=None):
