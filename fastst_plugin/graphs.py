@@ -16,16 +16,19 @@ the eager path runs instead — while an earlier graphed forward still waits for
 saved activations live in the shared pool).
 
 Under autocast (opt-in for now, ``FASTST_AUTOCAST_GRAPHS=1``), a bucket is captured per autocast
-dtype, with autocast's weight cache off inside the capture (``_capture_autocast``). Not graphed (eager fallback, same results): CPU, the "offload" checkpointing
-mode, checkpointing while the forward draws random numbers (dropout: the recompute inside the
-backward graph would draw new ones), inputs without a host pack, texts longer than the capture's
-length cap, inference batches over ``GRAPH_MAX_TOKENS`` tokens, training steps over it that do not
-recur, do not fit the card twice over, or come after ``MAX_LARGE_GRAPHS`` such buckets (each holds a
-whole step's activations; 2026-11-28, before these limits, 64 pairs of 1024-token documents captured
-a new bucket almost every step and held ~100 GB of graph pools; ``FASTST_LARGE_GRAPHS=0`` keeps all of
+dtype, with autocast's weight cache off inside the capture (``_capture_autocast``).
+
+Not graphed (eager fallback, same results): CPU, the "offload" checkpointing mode, checkpointing
+while the forward draws random numbers (dropout: the recompute inside the backward graph would draw
+new ones), inputs without a host pack, texts longer than the capture's length cap, inference
+batches over ``GRAPH_MAX_TOKENS`` tokens, training steps over it that do not recur, do not fit the
+card twice over, or come after ``MAX_LARGE_GRAPHS`` such buckets (each holds a whole step's
+activations; 2026-11-28, before these limits, 64 pairs of 1024-token documents captured a new
+bucket almost every step and held ~100 GB of graph pools; ``FASTST_LARGE_GRAPHS=0`` keeps all of
 them eager), sizes beyond the first ``MAX_GRAPHS`` buckets, and anything that fails to capture (one
-warning, then eager for this model). "layer" and "selective" checkpointing without dropout are captured like any step
-(the recompute becomes part of the backward graph; the checkpointing mode is part of the bucket key).
+warning, then eager for this model). "layer" and "selective" checkpointing without dropout are
+captured like any step (the recompute becomes part of the backward graph; the checkpointing mode
+is part of the bucket key).
 
 Nothing is captured inside a backward pass: the cached (GradCache) losses re-embed each mini-batch
 inside ``loss.backward()``, and a capture there was invalidated on the GPU (2026-11-29: the whole
@@ -539,13 +542,14 @@ class GraphedEncoder:
         cap.owner = self
         return full[:t]
 
-
     def _anchor_for(self, device) -> torch.Tensor:
         """A scalar leaf that makes a direct-gradient step's output require grad (see
-        ``_GraphedStepDirect``); it never receives a gradient."""
-        anchor = self.__dict__.get("_anchor")
-        if anchor is None or anchor.device != device:
-            anchor = self._anchor = torch.zeros((), device=device, requires_grad=True)
+        ``_GraphedStepDirect``); it never receives a gradient. One per device as passed (kept: a
+        fresh leaf per step would be an allocation and a fill kernel per step)."""
+        anchors = self.__dict__.setdefault("_anchors", {})
+        anchor = anchors.get(device)
+        if anchor is None:
+            anchor = anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return anchor
 
 
