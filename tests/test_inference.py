@@ -21,6 +21,7 @@ from fastst_plugin.api import get_state
 from backbones._models import save_tiny  # tests/ is on sys.path (rootdir-relative test modules)
 
 FAMILIES = ["bert", "modernbert", "gemma3", "qwen3"]
+from _grads import assert_grads_close
 from _texts import LONG, TEXTS  # tests/ is on sys.path; LONG is truncated at max_seq_length 64
 
 
@@ -661,17 +662,6 @@ def _bce_grads(model, pairs, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_grads_close(got, ref, rtol=1e-4):
-    assert set(got) == set(ref) and ref
-    scale = max(g.norm() for g in ref.values())
-    for name, g_ref in ref.items():
-        if name.endswith("key.bias"):  # mathematically zero (softmax is shift-invariant)
-            assert (got[name] - g_ref).norm() <= 1e-5 * scale, name
-            continue
-        err = (got[name] - g_ref).norm() / g_ref.norm().clamp_min(1e-12)
-        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"
-
-
 @pytest.mark.parametrize("kind,lora", [("bert", None), ("bert", 4), ("modernbert", None), ("modernbert", 4)])
 def test_cross_encoder_gradients_match_stock(tmp_path, kind, lora):
     model = _cross_encoder(tmp_path, kind)
@@ -694,7 +684,7 @@ def test_cross_encoder_gradients_match_stock(tmp_path, kind, lora):
         ref_loss, ref = _bce_grads(model, PAIRS, labels)
         assert any("lora_A" in n for n in ref) and any("modules_to_save" in n for n in ref)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    _assert_grads_close(got, ref)
+    assert_grads_close(got, ref)
 
 
 def test_cross_encoder_trainer_uses_the_packed_head(tmp_path, monkeypatch):
