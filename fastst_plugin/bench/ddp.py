@@ -230,6 +230,9 @@ def _make_trainer_class():
             start = getattr(self, "profile_from", None)
             if start is not None and state.global_step == start[0]:
                 start[1].enable()
+            trace = getattr(self, "trace", None)
+            if trace is not None:
+                trace.on_step_end(state.global_step)
 
         def intervals_ms(self) -> list[float]:
             import torch
@@ -389,6 +392,8 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
         torch.cuda.reset_peak_memory_stats()
     counters = _Counters()
     t0 = time.perf_counter()
+    # FASTST_DDP_TRACE=PREFIX: torch.profiler over 3 steps after the warm-up: GPU busy share, top
+    # kernels and every host wait on the GPU (with its Python stack), PREFIX.<run>.rank<r>.txt.
     # FASTST_DDP_PROFILE=PREFIX: cProfile of this rank's training thread from the end of the warm-up
     # steps on (compilation and captures left out), written to PREFIX.<run>.rank<r>.prof.
     profile_to = os.environ.get("FASTST_DDP_PROFILE")
@@ -398,6 +403,12 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
 
         profiler = cProfile.Profile()
         clock.profile_from = (max(1, opts.warmup), profiler)
+    trace_to = os.environ.get("FASTST_DDP_TRACE")
+    if trace_to and cuda:
+        from .trace import StepTrace
+
+        clock.trace = StepTrace(first_step=max(1, opts.warmup) + 2, steps=3,
+                                out=f"{trace_to}.{name[: -len('.jsonl')]}.rank{os.environ.get('RANK', '0')}")
     with counters.installed() if fast else contextlib.nullcontext():
         try:
             trainer.train(resume_from_checkpoint=opts.resume_from)
