@@ -585,3 +585,41 @@ def test_train_mode_switch_skips_the_walk_only_when_nothing_changes(tiny):
     assert torch.equal(extra.weight.grad, torch.zeros(2, 2))
     disable_fast(model)
     assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_ddp_wrapper_shares_the_fast_zero_grad_for_one_train_call(tiny):
+    """Under DDP the trainer zeroes the gradients through the wrapper: a wrapper around a fast model
+    (no parameters of its own) uses the model's kept parameter list for the call's duration."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny, device="cpu")
+    enable_fast(model, kernels="torch")
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like from here
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    wrapper = Wrapper(model)
+    training._share_zero_grad_with_wrapper(wrapper)
+    assert wrapper.zero_grad == model.zero_grad
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    wrapper.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    class Trainer:
+        pass
+
+    trainer = Trainer()
+    trainer.model, trainer.model_wrapped = model, wrapper
+    training._unshare_zero_grad_of(trainer)
+    assert "zero_grad" not in wrapper.__dict__ and training._WRAPPER_ZERO_GRAD not in wrapper.__dict__
+
+    own = Wrapper(model)
+    own.scale = torch.nn.Parameter(torch.ones(()))  # a parameter of its own: stock zero_grad kept
+    training._share_zero_grad_with_wrapper(own)
+    assert "zero_grad" not in own.__dict__ and own.__dict__[training._WRAPPER_ZERO_GRAD] is False
+    stock = Wrapper(SentenceTransformer(tiny, device="cpu"))  # not fast: stock
+    training._share_zero_grad_with_wrapper(stock)
+    assert "zero_grad" not in stock.__dict__
