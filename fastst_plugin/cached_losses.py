@@ -29,7 +29,7 @@ carry a host pack (they come from a fast model's ``preprocess``):
   (``GraphedEncoder.prepare``): the replay runs inside ``backward()``, where nothing may be captured,
   and replays those graphs instead of launching every kernel again (eagerly, a bert-base mini-batch
   is host-bound at ~50 us per kernel);
-* when the replay runs eagerly (no CUDA graphs: CPU, option off, autocast without FASTST_AUTOCAST_GRAPHS=1, a failed capture), the
+* when the replay runs eagerly (no CUDA graphs: CPU, option off, autocast with FASTST_AUTOCAST_GRAPHS=0, a failed capture), the
   first mini-batch of a step is embedded with gradients in the first pass and its graph kept: the replay reaches it first and only runs its backward (one forward fewer per
   step). Its activations then live through the rest of the first pass, where the other mini-batches
   run without gradients (a small transient each): the peak stays that of one with-gradient

@@ -271,10 +271,12 @@ def test_autocast_dtype_is_part_of_the_bucket(monkeypatch):
     assert graphs._capture_autocast(None).__class__.__name__ == "nullcontext"
 
 
-def test_graphs_under_autocast_are_opt_in(monkeypatch):
+def test_graphs_under_autocast_are_on_unless_turned_off(monkeypatch):
     from fastst_plugin import graphs
 
     monkeypatch.delenv("FASTST_AUTOCAST_GRAPHS", raising=False)
-    assert not graphs._autocast_graphs()  # until `gpu_checks.py amp` has run on a GPU
+    assert graphs._autocast_graphs()  # GPU parity: tests/gpu/gpu_checks.py amp (H200, 2026-11-29)
+    monkeypatch.setenv("FASTST_AUTOCAST_GRAPHS", "0")
+    assert not graphs._autocast_graphs()
     monkeypatch.setenv("FASTST_AUTOCAST_GRAPHS", "1")
     assert graphs._autocast_graphs()
