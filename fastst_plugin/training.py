@@ -453,11 +453,13 @@ def _wrap_train(orig):
     @functools.wraps(orig)
     def train(self, *args, **kwargs):
         args_ = getattr(self, "args", None)
+        _ignore_unread_params_in_ddp(self)
         if args_ is None or not _overlap_wanted(self):
             try:
                 return orig(self, *args, **kwargs)
             finally:
                 _unshare_zero_grad_of(self)
+                _unignore(self)
         from .gil import prompt_gil_handoff
 
         # The stock NaN/Inf loss filter reads the step's loss on the host (`bool(torch.isnan(loss))`):
@@ -474,6 +476,7 @@ def _wrap_train(orig):
                 return orig(self, *args, **kwargs)
         finally:
             _unshare_zero_grad_of(self)
+            _unignore(self)
             if device_filter:
                 args_.logging_nan_inf_filter = True
                 if previous is _MISSING:
@@ -483,6 +486,71 @@ def _wrap_train(orig):
 
     train._fastst_wrapped = orig
     return train
+
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # read by DistributedDataParallel.__init__
+_OUR_DDP_IGNORE = "_fastst_ddp_ignored"
+
+
+def _params_the_fast_path_never_reads(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters of an embedding model's backbone that its padding-free forward never
+    reads (a BERT pooler: Sentence Transformers pools the token embeddings), as (name in ``model``,
+    parameter). Empty when in doubt: a CrossEncoder (its head reads the pooler), a model whose
+    pipeline asks for ``pooler_output``, no fast encoder."""
+    from sentence_transformers import CrossEncoder
+
+    from .adapters import _uses_pooler_output
+
+    state = _state(model)
+    encoder = getattr(state, "encoder", None)
+    if not _fast_forward_active(state) or encoder is None or isinstance(model, CrossEncoder) or _uses_pooler_output(model):
+        return []
+    base = encoder.base
+    prefix = next((name for name, m in model.named_modules() if m is base), None)
+    if prefix is None:
+        return []
+    read = {id(p) for m in encoder.used_modules() for p in m.parameters()}
+    return [(f"{prefix}.{n}" if prefix else n, p) for n, p in base.named_parameters() if p.requires_grad and id(p) not in read]
+
+
+def _ignore_unread_params_in_ddp(trainer) -> None:
+    """Full fine-tuning under DDP: a trainable parameter that gets no gradient on a rank (a BERT
+    pooler, in stock and fast runs alike) makes DDP's reducer wait for the unused-parameter
+    all-reduce and copy its result to the host inside every backward (``finalize_bucket_dense``):
+    a host-GPU synchronisation per step (20-42 ms host waits per bert-base step in a 2-GPU H200
+    trace, 2026-11-29). The parameters the fast forward never reads are left out of DDP (torch's
+    ``_ddp_params_and_buffers_to_ignore``), for this ``train`` call only: they get no gradient on
+    any rank, so nothing is lost by not reducing it; ``training_step`` checks that they stay
+    without one."""
+    import torch.distributed as dist
+
+    model = getattr(trainer, "model", None)
+    if model is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if hasattr(model, _DDP_IGNORE) or os.environ.get("FASTST_DDP_IGNORE_UNREAD", "1").strip().lower() in ("0", "false", "off", "no"):
+        return  # the user's own list, or asked not to
+    unread = _params_the_fast_path_never_reads(model)
+    if unread:
+        model.__dict__[_DDP_IGNORE] = [name for name, _ in unread]
+        model.__dict__[_OUR_DDP_IGNORE] = tuple(p for _, p in unread)
+        logger.info(f"DDP: {len(unread)} parameters the fast forward never reads left out of gradient reduction "
+                    f"({', '.join(name for name, _ in unread[:4])}{', ...' if len(unread) > 4 else ''})")
+
+
+def _unignore(trainer) -> None:
+    model = getattr(trainer, "model", None)
+    if model is not None and model.__dict__.pop(_OUR_DDP_IGNORE, None) is not None:
+        model.__dict__.pop(_DDP_IGNORE, None)
+
+
+def _check_ignored_params(model) -> None:
+    ignored = getattr(_unwrap(model), _OUR_DDP_IGNORE, None)
+    if ignored and any(p.grad is not None for p in ignored):
+        raise RuntimeError(
+            "fastst: a parameter left out of DDP's gradient reduction (one the fast forward never reads, e.g. a "
+            "BERT pooler) received a gradient: the ranks would diverge. Something outside the fast forward uses "
+            "it; run with FASTST_DDP_IGNORE_UNREAD=0."
+        )
 
 
 _WRAPPER_ZERO_GRAD = "_fastst_wrapper_zero_grad"
@@ -521,6 +589,7 @@ def _wrap_training_step(orig):
         if model is not getattr(self, "model", model) and _WRAPPER_ZERO_GRAD not in getattr(model, "__dict__", {_WRAPPER_ZERO_GRAD: 0}):
             _share_zero_grad_with_wrapper(model)  # the DDP wrapper, at its first step
         loss = orig(self, model, inputs, *args, **kwargs)
+        _check_ignored_params(model)
         if not self.__dict__.get("_fastst_device_nan_filter"):
             return loss
         import torch

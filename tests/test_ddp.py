@@ -142,6 +142,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
             assert a["tokens"] == b["tokens"], (ckpt, a, b)  # the ranks together hold the 1-process batch
             assert abs(a["loss"] - b["loss"]) < 2e-5, (ckpt, a, b)
         assert summary["find_unused_parameters"] is True  # the trainer's default for ST models
+        # the pooler (never read by the fast forward) is left out of DDP: no unused-parameter sync per step
+        assert summary["ddp_ignored_params"] == ["0.model.pooler.dense.bias", "0.model.pooler.dense.weight"], summary
         ranks = summary["fast_path_per_rank"]
         assert len(ranks) == 2
         for r in ranks:

@@ -623,3 +623,24 @@ def test_ddp_wrapper_shares_the_fast_zero_grad_for_one_train_call(tiny):
     stock = Wrapper(SentenceTransformer(tiny, device="cpu"))  # not fast: stock
     training._share_zero_grad_with_wrapper(stock)
     assert "zero_grad" not in stock.__dict__
+
+
+def test_params_the_fast_forward_never_reads_are_the_pooler(tiny):
+    """Under DDP these are left out of gradient reduction (no per-step unused-parameter sync): for a
+    fully fine-tuned BERT exactly the pooler, whose gradient stays None after a fast step; with LoRA
+    (pooler frozen), nothing."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(tiny, device="cpu")
+    enable_fast(model, kernels="torch")
+    unread = training._params_the_fast_path_never_reads(model)
+    assert [name for name, _ in unread] == ["0.model.pooler.dense.weight", "0.model.pooler.dense.bias"]
+    named = dict(model.named_parameters())
+    assert all(named[name] is p for name, p in unread)
+    model(model.preprocess(["a text", "another one"]))["sentence_embedding"].sum().backward()
+    assert all(p.grad is None for _, p in unread)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "pooler" not in n)
+
+    lora = SentenceTransformer(tiny, device="cpu")
+    enable_fast(lora, kernels="torch", lora=4)
+    assert training._params_the_fast_path_never_reads(lora) == []

@@ -98,6 +98,21 @@ class PackedEncoder:
         self._lora_dropout, self._lora_dropout_seen = False, -1
         self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
+    def used_modules(self) -> list[nn.Module]:
+        """The base model's modules that the packed forward reads, each with its children (LoRA
+        adapters included): a parameter of the base model outside all of them (a BERT pooler) never
+        gets a gradient from the fast path."""
+        spec, ls = self.spec, self.spec.layer
+        b = partial(resolve, self.base)
+        top = (spec.word_embeddings, spec.position_embeddings, spec.token_type_embeddings, spec.embedding_norm,
+               spec.final_norm, spec.rotary)
+        per_layer = (ls.qkv, ls.q, ls.k, ls.v, ls.o, ls.q_norm, ls.k_norm, ls.attn_norm, ls.post_attn_norm,
+                     ls.mlp_norm, ls.post_mlp_norm, ls.mlp_in, ls.mlp_gate, ls.mlp_up, ls.mlp_out)
+        found = [b(path) for path in top if path]
+        for layer in b(spec.layers):
+            found += [resolve(layer, path) for path in per_layer if path]
+        return [m for m in found if m is not None]
+
     # -- options, read per call -------------------------------------------------------------
     @property
     def kernels(self) -> bool:

@@ -498,6 +498,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "capture_mode": os.environ.get("FASTST_GRAPH_CAPTURE_MODE", "default"),
             "trainer_overlap": os.environ.get("FASTST_TRAINER_OVERLAP", "1"),
             "find_unused_parameters": find_unused_used,
+            "ddp_ignored_params": sorted(getattr(wrapped, "parameters_to_ignore", None) or []),
             "ddp_wrapped": type(wrapped).__name__ == "DistributedDataParallel",
             "static_graph": bool(getattr(wrapped, "static_graph", False)),
             "trainable_params": trainable,
