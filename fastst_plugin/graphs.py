@@ -556,7 +556,8 @@ class GraphedEncoder:
 def _direct_grads_possible(params) -> bool:
     """Whether a graphed step may write its parameter gradients into ``.grad`` itself.
 
-    Not under torch.distributed (DDP's reducer hooks the parameters' AccumulateGrad nodes), not when a
+    Not under torch.distributed (DDP's reducer hooks the parameters' AccumulateGrad nodes) unless
+    fastst reduces the gradients itself (``ddp_reduce``, ``FASTST_DDP_REDUCE=fastst``), not when a
     parameter carries hooks (``register_hook`` / ``register_post_accumulate_grad_hook``: they run in
     AccumulateGrad), and not when ``FASTST_GRAPH_GRADS=edges``. Everything else (the trainer's and
     the bench's ``loss.backward()``, gradient accumulation, zero_grad with or without set_to_none)
@@ -564,7 +565,10 @@ def _direct_grads_possible(params) -> bool:
     if os.environ.get("FASTST_GRAPH_GRADS", "direct").strip().lower() == "edges":
         return False
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False
+        from .ddp_reduce import taken_over
+
+        if not taken_over():
+            return False
     for p in params:
         if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
             return False

@@ -458,6 +458,7 @@ def _wrap_train(orig):
             try:
                 return orig(self, *args, **kwargs)
             finally:
+                _close_reducer(self)
                 _unshare_zero_grad_of(self)
                 _unignore(self)
         from .gil import prompt_gil_handoff
@@ -475,6 +476,7 @@ def _wrap_train(orig):
             with prompt_gil_handoff() if PREFETCH_BATCHES else contextlib.nullcontext():
                 return orig(self, *args, **kwargs)
         finally:
+            _close_reducer(self)
             _unshare_zero_grad_of(self)
             _unignore(self)
             if device_filter:
@@ -553,6 +555,30 @@ def _check_ignored_params(model) -> None:
         )
 
 
+_REDUCER = "_fastst_reducer"
+
+
+def _own_reducer(trainer, model):
+    """fastst's gradient all-reduce for this ``train()`` call (``FASTST_DDP_REDUCE=fastst``, see
+    ``ddp_reduce``), created at the first step that runs the DDP wrapper of a fast model."""
+    reducer = trainer.__dict__.get(_REDUCER, _MISSING)
+    if reducer is not _MISSING:
+        return reducer
+    from . import ddp_reduce
+
+    reducer = None
+    if ddp_reduce.wanted() and ddp_reduce.is_ddp_wrapper(model) and _fast_forward_active(_state(model)):
+        reducer = ddp_reduce.FastReducer(model)
+    trainer.__dict__[_REDUCER] = reducer
+    return reducer
+
+
+def _close_reducer(trainer) -> None:
+    reducer = trainer.__dict__.pop(_REDUCER, None)
+    if reducer is not None and reducer is not _MISSING:
+        reducer.close()
+
+
 _WRAPPER_ZERO_GRAD = "_fastst_wrapper_zero_grad"
 
 
@@ -588,8 +614,11 @@ def _wrap_training_step(orig):
     def training_step(self, model, inputs, *args, **kwargs):
         if model is not getattr(self, "model", model) and _WRAPPER_ZERO_GRAD not in getattr(model, "__dict__", {_WRAPPER_ZERO_GRAD: 0}):
             _share_zero_grad_with_wrapper(model)  # the DDP wrapper, at its first step
+        reducer = _own_reducer(self, model)
         loss = orig(self, model, inputs, *args, **kwargs)
         _check_ignored_params(model)
+        if reducer is not None and getattr(getattr(self, "accelerator", None), "sync_gradients", True):
+            reducer.reduce()
         if not self.__dict__.get("_fastst_device_nan_filter"):
             return loss
         import torch

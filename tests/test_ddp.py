@@ -96,7 +96,7 @@ def _one_process_run_args(out: Path, monkeypatch, args: list) -> None:
             training.uninstall_trainer_integration()
 
 
-def _torchrun(tmp_path, name: str, *args: str, meanwhile=None) -> None:
+def _torchrun(tmp_path, name: str, *args: str, meanwhile=None, env: dict | None = None) -> None:
     """``torchrun --nproc_per_node 2 -m fastst_plugin.bench.ddp ARGS``; ``meanwhile()`` runs here while
     it does (the 1-process reference: no second interpreter start-up on a 2-CPU runner)."""
     cmd = [
@@ -106,7 +106,7 @@ def _torchrun(tmp_path, name: str, *args: str, meanwhile=None) -> None:
     log = tmp_path / f"{name}.log"
     with open(log, "w") as sink:
         # Own session: on failure the launcher and its two workers go down together.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**_env(), **(env or {})}, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             if meanwhile is not None:
                 meanwhile()
@@ -194,3 +194,28 @@ def test_two_process_cached_mnrl_matches_one(tmp_path, monkeypatch):
     assert summary["loss"] == "cached-mnrl" and len(steps) == len(ref) == STEPS
     for a, b in zip(steps, ref):
         assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (a, b)
+
+
+def test_two_processes_with_fastst_reducing_gradients_match_one(tmp_path, monkeypatch):
+    """FASTST_DDP_REDUCE=fastst: DDP's hooks idle, fastst averages the gradients after each step
+    (flat all-reduces; the pooler, read by nothing, stays out). Full fine-tuning with and without
+    checkpointing, and LoRA: the 2-process losses equal the 1-process run's, step by step."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    lora = list(ARGS)
+    lora[lora.index("--lora-r") + 1] = "0,16"  # full fine-tuning and LoRA r=16, one launch
+    one, two = tmp_path / "one", tmp_path / "two"
+    _torchrun(
+        tmp_path, "two", *lora, "--gradient-checkpointing", "off,on", "--out", str(two),
+        env={"FASTST_DDP_REDUCE": "fastst"}, meanwhile=lambda: _one_process_run_args(one, monkeypatch, lora),
+    )
+    for mode in ("full", "lora16"):
+        ref, _ = _read(one / f"ddp-bert-base-{mode}-1gpu-nockpt.jsonl")
+        for ckpt in ("nockpt", "ckpt"):
+            steps, summary = _read(two / f"ddp-bert-base-{mode}-2gpu-{ckpt}.jsonl")
+            assert summary["fastst_reductions"] == STEPS, summary  # every step reduced by fastst
+            assert len(steps) == len(ref) == STEPS
+            for a, b in zip(steps, ref):
+                assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (mode, ckpt, a, b)

@@ -248,6 +248,13 @@ def _make_trainer_class():
 # ----------------------------------------------------------------------------------------------- one run
 
 
+def _ddp_reduce_count() -> int:
+    """Training steps whose gradients fastst reduced itself (``FASTST_DDP_REDUCE=fastst``), this process."""
+    from fastst_plugin import ddp_reduce
+
+    return ddp_reduce.stats["reductions"]
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -391,6 +398,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     counters = _Counters()
+    reductions_before = _ddp_reduce_count()
     t0 = time.perf_counter()
     # FASTST_DDP_TRACE=PREFIX: torch.profiler over 3 steps after the warm-up: GPU busy share, top
     # kernels and every host wait on the GPU (with its Python stack), PREFIX.<run>.rank<r>.txt.
@@ -499,6 +507,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "trainer_overlap": os.environ.get("FASTST_TRAINER_OVERLAP", "1"),
             "find_unused_parameters": find_unused_used,
             "ddp_ignored_params": sorted(getattr(wrapped, "parameters_to_ignore", None) or []),
+            "fastst_reductions": _ddp_reduce_count() - reductions_before,
             "ddp_wrapped": type(wrapped).__name__ == "DistributedDataParallel",
             "static_graph": bool(getattr(wrapped, "static_graph", False)),
             "trainable_params": trainable,
