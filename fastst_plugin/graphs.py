@@ -35,8 +35,10 @@ inside ``loss.backward()``, and a capture there was invalidated on the GPU (2026
 model then ran eagerly, CachedMNRL at 1,024 pairs 7x slower than plain MNRL). Their first, no-grad
 pass captures each mini-batch's with-gradient bucket ahead (``prepare``); the replay only replays.
 
-Under torch.distributed (DDP) graphs are replayed too: they hold no collective, and DDP's all-reduce
-hooks fire on the real parameters' AccumulateGrad after ``_GraphedStep``'s backward. Captures
+Under torch.distributed (DDP) graphs are replayed too: they hold no collective. In the trainer
+fastst reduces the gradients itself after the step (``ddp_reduce``), so the replayed step writes
+``.grad`` directly as on one GPU; otherwise (``FASTST_DDP_REDUCE=ddp``, a loop of one's own) DDP's
+all-reduce hooks fire on the real parameters' AccumulateGrad after ``_GraphedStep``'s backward. Captures
 differentiate against stand-in leaves (``_stand_ins``): against the parameters themselves the
 backward capture was invalidated, because DDP keeps the parameters' AccumulateGrad nodes alive from
 its construction on the default stream (2026-11-28 on 2 x H200; reproduced and fixed 2026-11-29

@@ -559,8 +559,8 @@ _REDUCER = "_fastst_reducer"
 
 
 def _own_reducer(trainer, model):
-    """fastst's gradient all-reduce for this ``train()`` call (``FASTST_DDP_REDUCE=fastst``, see
-    ``ddp_reduce``), created at the first step that runs the DDP wrapper of a fast model."""
+    """fastst's gradient all-reduce for this ``train()`` call (see ``ddp_reduce``; off with
+    ``FASTST_DDP_REDUCE=ddp``), created at the first step that runs the DDP wrapper of a fast model."""
     reducer = trainer.__dict__.get(_REDUCER, _MISSING)
     if reducer is not _MISSING:
         return reducer
@@ -568,7 +568,11 @@ def _own_reducer(trainer, model):
 
     reducer = None
     if ddp_reduce.wanted() and ddp_reduce.is_ddp_wrapper(model) and _fast_forward_active(_state(model)):
-        reducer = ddp_reduce.FastReducer(model)
+        reason = ddp_reduce.why_not(model)
+        if reason is None:
+            reducer = ddp_reduce.FastReducer(model)
+        else:
+            logger.info(f"DDP reduces the gradients itself: {reason}")
     trainer.__dict__[_REDUCER] = reducer
     return reducer
 

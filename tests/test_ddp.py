@@ -197,7 +197,7 @@ def test_two_process_cached_mnrl_matches_one(tmp_path, monkeypatch):
 
 
 def test_two_processes_with_fastst_reducing_gradients_match_one(tmp_path, monkeypatch):
-    """FASTST_DDP_REDUCE=fastst: DDP's hooks idle, fastst averages the gradients after each step
+    """fastst's reduction (the default; FASTST_DDP_REDUCE=ddp for DDP's own): DDP's hooks idle, fastst averages the gradients after each step
     (flat all-reduces; the pooler, read by nothing, stays out). Full fine-tuning with and without
     checkpointing, and LoRA: the 2-process losses equal the 1-process run's, step by step."""
     import torch.distributed as dist
@@ -209,7 +209,7 @@ def test_two_processes_with_fastst_reducing_gradients_match_one(tmp_path, monkey
     one, two = tmp_path / "one", tmp_path / "two"
     _torchrun(
         tmp_path, "two", *lora, "--gradient-checkpointing", "off,on", "--out", str(two),
-        env={"FASTST_DDP_REDUCE": "fastst"}, meanwhile=lambda: _one_process_run_args(one, monkeypatch, lora),
+        meanwhile=lambda: _one_process_run_args(one, monkeypatch, lora),
     )
     for mode in ("full", "lora16"):
         ref, _ = _read(one / f"ddp-bert-base-{mode}-1gpu-nockpt.jsonl")
@@ -219,3 +219,23 @@ def test_two_processes_with_fastst_reducing_gradients_match_one(tmp_path, monkey
             assert len(steps) == len(ref) == STEPS
             for a, b in zip(steps, ref):
                 assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (mode, ckpt, a, b)
+
+
+def test_fastst_reduction_with_gradient_accumulation_matches_ddp(tmp_path):
+    """Gradient accumulation (2 micro-batches per step): fastst reduces once per optimizer step, at
+    the micro-batch the trainer syncs; the losses equal DDP's own reduction of the same run."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    args = [*ARGS, "--grad-accum", "2"]
+    ddp_run, own = tmp_path / "ddp", tmp_path / "own"
+    _torchrun(tmp_path, "ddp", *args, "--out", str(ddp_run), env={"FASTST_DDP_REDUCE": "ddp"})
+    _torchrun(tmp_path, "own", *args, "--out", str(own))
+    ref, ref_summary = _read(ddp_run / "ddp-bert-base-full-2gpu-nockpt-accum2.jsonl")
+    steps, summary = _read(own / "ddp-bert-base-full-2gpu-nockpt-accum2.jsonl")
+    assert ref_summary["fastst_reductions"] == 0 and summary["fastst_reductions"] == STEPS, (ref_summary, summary)
+    assert summary["grad_accum"] == 2 and len(steps) == len(ref) == STEPS
+    assert ref[-1]["loss"] != ref[0]["loss"]
+    for a, b in zip(steps, ref):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (a, b)

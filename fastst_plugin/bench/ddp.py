@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-device-batch", type=int, default=None,
         help="pairs per device instead (global = this x world size): the fixed-per-GPU-work scaling runs",
     )
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="gradient_accumulation_steps (per device and micro-batch: global / (world size x this))")
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput median (graph capture, autotuning)")
@@ -290,16 +292,21 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if opts.per_device_batch:
-        opts.global_batch = opts.per_device_batch * world
+        opts.global_batch = opts.per_device_batch * world * max(1, opts.grad_accum)
     if opts.global_batch % world:
         raise SystemExit(f"--global-batch {opts.global_batch} is not divisible by the world size {world}")
-    per_device = opts.global_batch // world
+    accum = max(1, opts.grad_accum)
+    if opts.global_batch % (world * accum):
+        raise SystemExit(f"--global-batch {opts.global_batch} is not divisible by world size x --grad-accum ({world} x {accum})")
+    per_device = opts.global_batch // (world * accum)
     cuda = torch.cuda.is_available()
     spec = resolve_model(opts.model)
     model_key = getattr(spec, "key", os.path.basename(os.path.normpath(str(opts.model))))
     tag = opts.tag or (f"pd{opts.per_device_batch}" if opts.per_device_batch else "")
     if opts.loss != "mnrl":
         tag = f"{opts.loss}-{tag}" if tag else opts.loss
+    if accum > 1:
+        tag = f"{tag}-accum{accum}" if tag else f"accum{accum}"
     name = run_name(model_key, lora_r, world, ckpt, opts.contender, tag)
     fast = opts.contender == "fastst"
 
@@ -316,6 +323,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     args = SentenceTransformerTrainingArguments(
         output_dir=workdir,
         per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
         max_steps=opts.steps,
         learning_rate=opts.lr,
         warmup_steps=0,
@@ -429,13 +437,16 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
     train_s = time.perf_counter() - t0
 
     # ---- per-step values, reduced over ranks
-    steps_done = len(trainer.step_losses)
+    steps_done = len(trainer.step_losses) // accum
     local_losses = [float(x) for x in torch.stack(trainer.step_losses).cpu().tolist()] if steps_done else []
     zero = torch.zeros((), device=device)
     local_tokens = (
         [float(x) for x in torch.stack([(t if t is not None else zero).float().reshape(()) for t in trainer.step_tokens]).cpu().tolist()]
         if steps_done else []
     )
+    if accum > 1:  # one value per optimizer step: the micro-batches' mean loss, their summed tokens
+        local_losses = [sum(local_losses[i * accum:(i + 1) * accum]) / accum for i in range(steps_done)]
+        local_tokens = [sum(local_tokens[i * accum:(i + 1) * accum]) for i in range(steps_done)]
     intervals = clock.intervals_ms()[:steps_done]
     losses_sum = _reduce(local_losses, device, "sum")
     tokens_sum = _reduce(local_tokens, device, "sum")
@@ -491,6 +502,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "gradient_checkpointing": ckpt,
             "world_size": world,
             "global_batch": opts.global_batch,
+            "grad_accum": accum,
             "per_device_batch": per_device,
             "max_seq_length": opts.max_seq_length,
             "steps": steps_done,
