@@ -79,16 +79,28 @@ class FastReducer:
         self.world = dist.get_world_size(self.group)
         self.buckets = _buckets(self.params, BUCKET_BYTES)
         self.wrapper = wrapper
-        self.previous = wrapper.require_backward_grad_sync
-        wrapper.require_backward_grad_sync = False
+        self.find_unused = wrapper.find_unused_parameters
+        # With the reducer idle, find_unused_parameters would only make every DDP forward pass its
+        # outputs through _DDPSink (a clone of each output tensor that requires grad: the packed
+        # token embeddings among them, three times per MNRL step) for nothing.
+        wrapper.find_unused_parameters = False
+        self.arm()
         _taken_over += 1
         logger.info(f"DDP: gradients of {len(self.params)} parameters reduced by fastst "
                     f"({len(self.buckets)} all-reduce buckets per step; DDP's hooks idle)")
 
+    def arm(self) -> None:
+        """Keep DDP's reducer idle for the coming step (called before every training step:
+        accelerate's ``no_sync`` around an accumulation micro-step restores the flag it found on
+        entry, which is True when this reducer was made inside it, at the first step)."""
+        self.wrapper.require_backward_grad_sync = False
+
     def close(self) -> None:
         global _taken_over
         if self.wrapper is not None:
-            self.wrapper.require_backward_grad_sync = self.previous
+            # True is DDP's value outside no_sync(), where train() returns.
+            self.wrapper.require_backward_grad_sync = True
+            self.wrapper.find_unused_parameters = self.find_unused
             self.wrapper = None
             _taken_over -= 1
 

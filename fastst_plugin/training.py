@@ -619,6 +619,8 @@ def _wrap_training_step(orig):
         if model is not getattr(self, "model", model) and _WRAPPER_ZERO_GRAD not in getattr(model, "__dict__", {_WRAPPER_ZERO_GRAD: 0}):
             _share_zero_grad_with_wrapper(model)  # the DDP wrapper, at its first step
         reducer = _own_reducer(self, model)
+        if reducer is not None:
+            reducer.arm()
         loss = orig(self, model, inputs, *args, **kwargs)
         _check_ignored_params(model)
         if reducer is not None and getattr(getattr(self, "accelerator", None), "sync_gradients", True):

@@ -216,6 +216,7 @@ def test_two_processes_with_fastst_reducing_gradients_match_one(tmp_path, monkey
         for ckpt in ("nockpt", "ckpt"):
             steps, summary = _read(two / f"ddp-bert-base-{mode}-2gpu-{ckpt}.jsonl")
             assert summary["fastst_reductions"] == STEPS, summary  # every step reduced by fastst
+            assert summary["ddp_reducer_calls"] == 0, summary  # and DDP's hooks idle
             assert len(steps) == len(ref) == STEPS
             for a, b in zip(steps, ref):
                 assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (mode, ckpt, a, b)
@@ -235,6 +236,8 @@ def test_fastst_reduction_with_gradient_accumulation_matches_ddp(tmp_path):
     ref, ref_summary = _read(ddp_run / "ddp-bert-base-full-2gpu-nockpt-accum2.jsonl")
     steps, summary = _read(own / "ddp-bert-base-full-2gpu-nockpt-accum2.jsonl")
     assert ref_summary["fastst_reductions"] == 0 and summary["fastst_reductions"] == STEPS, (ref_summary, summary)
+    # DDP's reducer: in each step's syncing micro-step with FASTST_DDP_REDUCE=ddp, never otherwise
+    assert ref_summary["ddp_reducer_calls"] == STEPS and summary["ddp_reducer_calls"] == 0, (ref_summary, summary)
     assert summary["grad_accum"] == 2 and len(steps) == len(ref) == STEPS
     assert ref[-1]["loss"] != ref[0]["loss"]
     for a, b in zip(steps, ref):

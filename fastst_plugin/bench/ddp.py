@@ -177,6 +177,7 @@ def _make_trainer_class():
             super().__init__(*args, **kwargs)
             self.step_losses: list = []
             self.step_tokens: list = []
+            self.ddp_synced_calls = 0
             # Host wall time per step: waiting for the next batch (collation, when not prefetched) and
             # in training_step (forward + backward launches, and any wait for the GPU inside).
             self.host_ms: dict[str, list[float]] = {"batch_wait": [], "training_step": []}
@@ -195,6 +196,8 @@ def _make_trainer_class():
             return self._timed("training_step", super().training_step, *args, **kwargs)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training and getattr(model, "require_backward_grad_sync", False):
+                self.ddp_synced_calls += 1  # DDP's own reducer runs in this micro-step's backward
             tokens = None
             if model.training:
                 masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and hasattr(v, "sum")]
@@ -520,6 +523,7 @@ def train_once(opts, lora_r: int, ckpt: str, pairs) -> dict[str, Any] | None:
             "find_unused_parameters": find_unused_used,
             "ddp_ignored_params": sorted(getattr(wrapped, "parameters_to_ignore", None) or []),
             "fastst_reductions": _ddp_reduce_count() - reductions_before,
+            "ddp_reducer_calls": trainer.ddp_synced_calls,
             "ddp_wrapped": type(wrapped).__name__ == "DistributedDataParallel",
             "static_graph": bool(getattr(wrapped, "static_graph", False)),
             "trainable_params": trainable,
