@@ -12,7 +12,7 @@ How: for the trainer's ``train()`` call, DDP's reducer is idled (the wrapper's
 construction), the replayed steps write ``.grad`` directly, and after every training step that
 synchronises gradients (``accelerator.sync_gradients``: the last micro-step of an accumulation)
 the trainable gradients are averaged over the ranks in flat all-reduces of at most
-``BUCKET_BYTES`` each, in parameter order. Each bucket carries one count per parameter of the ranks
+``BUCKET_BYTES`` each, in parameter order, through persistent buffers (as DDP's own buckets). Each bucket carries one count per parameter of the ranks
 that produced a gradient, so that a parameter without a gradient on every rank keeps ``None``
 (DDP's ``find_unused_parameters`` semantics); reading those counts waits for the GPU, which
 happens only in a step where this rank had a parameter without a gradient.
@@ -106,33 +106,58 @@ class FastReducer:
 
     def reduce(self) -> None:
         """Average every trainable gradient over the ranks (call on every rank after the backward)."""
-        import torch.distributed as dist
-
         stats["reductions"] += 1
         for bucket in self.buckets:
-            missing = [i for i, p in enumerate(bucket) if p.grad is None]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-            counts = torch.ones(len(bucket), dtype=grads[0].dtype, device=grads[0].device)
+            bucket.reduce(self.world, self.group)
+
+
+class _Bucket:
+    """Parameters reduced together: one persistent flat buffer, the gradients copied in and out
+    through views of it shaped like the parameters, then one count per parameter (1 where this
+    rank has a gradient)."""
+
+    def __init__(self, params: list):
+        self.params = params
+        sizes = [p.numel() for p in params]
+        self.values = sum(sizes)
+        self.flat = torch.empty(self.values + len(params), dtype=params[0].dtype, device=params[0].device)
+        self.views = [v.view_as(p) for v, p in zip(torch.split(self.flat[: self.values], sizes), params)]
+        self.counts = self.flat[self.values:]
+
+    def reduce(self, world: int, group) -> None:
+        import torch.distributed as dist
+
+        grads, views, missing = [], [], []
+        for i, (p, v) in enumerate(zip(self.params, self.views)):
+            if p.grad is None:
+                missing.append(i)
+            else:
+                grads.append(p.grad)
+                views.append(v)
+        if grads:
+            torch._foreach_copy_(views, grads)
+        self.counts.fill_(1)
+        for i in missing:  # fill kernels, no host round trip
+            self.views[i].zero_()
+            self.counts[i] = 0
+        dist.all_reduce(self.flat, group=group)
+        self.flat[: self.values].div_(world)
+        if grads:
+            torch._foreach_copy_(grads, views)
+        if missing:  # which of them did another rank produce? (waits for the GPU: rare)
+            seen = self.counts.tolist()
             for i in missing:
-                counts[i] = 0  # a fill kernel, no host round trip
-            flat = torch.cat([g.reshape(-1) for g in grads] + [counts])
-            dist.all_reduce(flat, group=self.group)
-            values = flat[: flat.numel() - len(bucket)].div_(self.world)
-            reduced = list(torch.split(values, [g.numel() for g in grads]))
-            absent = set(missing)
-            present = [i for i in range(len(bucket)) if i not in absent]
-            if present:
-                torch._foreach_copy_([grads[i] for i in present], [reduced[i].view_as(grads[i]) for i in present])
-            if missing:  # which of them did another rank produce? (waits for the GPU: rare)
-                seen = flat[flat.numel() - len(bucket):].tolist()
-                for i in missing:
-                    if seen[i] > 0:
-                        bucket[i].grad = reduced[i].view_as(bucket[i]).clone()
+                if seen[i] > 0:
+                    self.params[i].grad = self.views[i].clone()
 
 
-def _buckets(params: list, cap_bytes: int) -> list[list]:
+def _buckets(params: list, cap_bytes: int) -> list[_Bucket]:
     """Consecutive parameters of one dtype and device, at most ``cap_bytes`` per bucket (one
     parameter larger than that is a bucket of its own)."""
+    return [_Bucket(group) for group in _groups(params, cap_bytes)]
+
+
+def _groups(params: list, cap_bytes: int) -> list[list]:
     out: list[list] = []
     size = 0
     for p in params:

@@ -242,3 +242,22 @@ def test_fastst_reduction_with_gradient_accumulation_matches_ddp(tmp_path):
     assert ref[-1]["loss"] != ref[0]["loss"]
     for a, b in zip(steps, ref):
         assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (a, b)
+
+
+def test_fastst_reduction_keeps_never_used_parameters_without_gradient(tmp_path, monkeypatch):
+    """With the unread parameters kept in the reduction (FASTST_DDP_IGNORE_UNREAD=0), the pooler has
+    no gradient on any rank: the reduction's missing-gradient path (zeros in the buffer, the counts
+    read back) runs every step, and the losses still equal the 1-process run's. (The pooler feeds
+    nothing, so the losses cannot tell whether its .grad stayed None.)"""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _torchrun(tmp_path, "two", *ARGS, "--out", str(two), env={"FASTST_DDP_IGNORE_UNREAD": "0"},
+              meanwhile=lambda: _one_process_run(one, monkeypatch))
+    ref, _ = _read(one / "ddp-bert-base-full-1gpu-nockpt.jsonl")
+    steps, summary = _read(two / "ddp-bert-base-full-2gpu-nockpt.jsonl")
+    assert summary["ddp_ignored_params"] == [] and summary["fastst_reductions"] == STEPS, summary
+    for a, b in zip(steps, ref):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 2e-5, (a, b)
