@@ -304,10 +304,29 @@ def _complete_for_model(cfg, model, hf, targets_defaulted, mts_defaulted, exclud
         heads = _head_module_names(hf)
         if heads:
             cfg.modules_to_save = heads
-    if not cross and targets_defaulted and exclude_defaulted and not _uses_pooler_output(model):
+    if not cross and exclude_defaulted and not _uses_pooler_output(model):
         pooler = [name for name, m in hf.named_modules() if isinstance(m, nn.Linear) and ".pooler." in f".{name}"]
-        if pooler:
+        if pooler and targets_defaulted:
             cfg.exclude_modules = pooler
+        elif pooler:
+            _warn_unused_pooler_targets(cfg, pooler)
+
+
+def _warn_unused_pooler_targets(cfg, pooler: list[str]) -> None:
+    """The user's own ``target_modules`` (e.g. ``"dense"``) also match a BERT pooler, which an embedding
+    model never runs: say so (their adapters stay at their initial values and are saved as such,
+    in stock as here), and how to leave them out; the config is the user's, so it is kept."""
+    try:
+        from peft.tuners.tuners_utils import check_target_module_exists
+    except ImportError:  # pragma: no cover
+        return
+    hit = [name for name in pooler if check_target_module_exists(cfg, name) is True]
+    if hit:
+        logger.warning(
+            f"LoRA target_modules also match {hit}: Sentence Transformers embedding models never use BERT's "
+            f"pooler, so these adapters get no gradient (saved untrained, in stock too). "
+            f"Add exclude_modules={hit!r} to the LoraConfig to leave them out."
+        )
 
 
 def same_lora(existing_config, lora: Any, spec=None) -> bool:

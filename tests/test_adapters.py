@@ -522,3 +522,28 @@ def test_stock_add_adapter_on_a_fast_model_rebuilds_the_fast_forward():
     disable_fast(model)
     stock = model.encode(TEXTS, convert_to_tensor=True)
     assert torch.allclose(fast, stock, atol=1e-5)
+
+
+def test_user_targets_matching_the_pooler_are_kept_with_a_warning(monkeypatch):
+    """An explicit target_modules=["dense", ...] also matches BERT's pooler, which an embedding model
+    never runs: fastst keeps the user's config (as stock would) and says how to leave it out; with
+    exclude_modules, or with fastst's default targets, there is nothing to say."""
+    from peft import LoraConfig
+
+    from fastst_plugin import adapters
+
+    said = []
+    monkeypatch.setattr(adapters.logger, "warning", lambda msg, *a, **k: said.append(msg))
+    targets = ["query", "key", "value", "dense"]
+    model = _st()
+    enable_fast(model, lora=LoraConfig(r=4, target_modules=targets), kernels="off")
+    assert len(said) == 1 and "pooler.dense" in said[0] and "exclude_modules" in said[0], said
+    assert any("pooler.dense.lora_A" in n for n, _ in model.named_parameters())
+
+    said.clear()
+    model = _st()
+    enable_fast(model, lora=LoraConfig(r=4, target_modules=targets, exclude_modules=["pooler.dense"]), kernels="off")
+    assert not said and not any("pooler" in n and "lora_" in n for n, _ in model.named_parameters())
+    model = _st()
+    enable_fast(model, lora=4, kernels="off")
+    assert not said and not any("pooler" in n and "lora_" in n for n, _ in model.named_parameters())

@@ -76,7 +76,11 @@ def main(argv=None) -> dict:
     # 1. The model and its LoRA adapters
     model = SentenceTransformer(model_path())
     model.max_seq_length = args.max_seq_length
-    peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    # "dense" also matches BERT's pooler, which an embedding model never runs: left out
+    peft_config = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"],
+        exclude_modules=["pooler.dense"],
+    )
     model.add_adapter(peft_config)
 
     # 2. Data: (anchor, positive) pairs for training, a retrieval task for evaluation
