@@ -131,3 +131,16 @@ def test_demo_end_to_end_small(run_python, tmp_path, minilm_path):
     assert 0.0 < results["ndcg@10_before"] <= 1.0 and 0.0 < results["ndcg@10_after"] <= 1.0
     assert "NDCG@10 on 40 held-out Debian queries" in proc.stdout
     assert (out / "modules.json").exists()
+
+
+def test_bench_ddp_forwards_to_the_multi_gpu_runner(capsys):
+    """`fastst bench ddp ...` is the DDP runner (fastst_plugin.bench.ddp), options and all."""
+    import pytest
+
+    from fastst_plugin import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["ddp", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--per-device-batch" in out and "--grad-accum" in out

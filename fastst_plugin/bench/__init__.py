@@ -6,6 +6,8 @@ Workloads::
     fastst bench encode  [options]   # encode / encode_query / encode_document / CrossEncoder.predict /
                                      # SparseEncoder (SPLADE) encode (--api sparse-encode)
     fastst bench report  --out DIR   # re-render table.md and chart.png from DIR/results.jsonl
+    fastst bench ddp     [options]   # the real trainer under DDP, 1 vs N GPUs (fastst_plugin.bench.ddp;
+                                     # torchrun --nproc_per_node N $(which fastst) bench ddp ...)
 
 Contenders, measured in one process on the same batches, A/B-interleaved over ``--repeats``
 repetitions (medians reported): ``stock`` (SDPA, padded), ``flat`` (ST's own flattening through a
@@ -105,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "activate nearly the whole vocabulary)")
     en.add_argument("--corpus-size", type=int, default=None, help="texts per pass (default 2048)")
 
+    sub.add_parser("ddp", add_help=False, help="the real trainer under DDP, 1 vs N GPUs (options: fastst bench ddp --help)")
     rp = sub.add_parser("report", help="re-render table.md and chart.png from DIR/results.jsonl (or merge several runs)")
     rp.add_argument("--out", default="bench-results", help="folder to write table.md / chart.png (and the merged results.jsonl)")
     rp.add_argument("--inputs", nargs="*", default=None, help="results folders or .jsonl files to merge (default: OUT/results.jsonl)")
@@ -188,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fastst bench``; returns the exit status (0 even when some contenders failed: their rows
     say why)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ddp":
+        # The multi-GPU runner (its own options; one process per GPU under torchrun):
+        # `torchrun --nproc_per_node 2 $(which fastst) bench ddp ...`, `fastst bench ddp compare DIR`.
+        from .ddp import main as ddp_main
+
+        return ddp_main(argv[1:])
     opts = build_parser().parse_args(argv)
     opts.argv = argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
