@@ -7,7 +7,7 @@ Workloads::
                                      # SparseEncoder (SPLADE) encode (--api sparse-encode)
     fastst bench report  --out DIR   # re-render table.md and chart.png from DIR/results.jsonl
     fastst bench ddp     [options]   # the real trainer under DDP, 1 vs N GPUs (fastst_plugin.bench.ddp;
-                                     # torchrun --nproc_per_node N $(which fastst) bench ddp ...)
+                                     # torchrun --nproc_per_node N --no-python fastst bench ddp ...)
 
 Contenders, measured in one process on the same batches, A/B-interleaved over ``--repeats``
 repetitions (medians reported): ``stock`` (SDPA, padded), ``flat`` (ST's own flattening through a
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "ddp":
         # The multi-GPU runner (its own options; one process per GPU under torchrun):
-        # `torchrun --nproc_per_node 2 $(which fastst) bench ddp ...`, `fastst bench ddp compare DIR`.
+        # `torchrun --nproc_per_node 2 --no-python fastst bench ddp ...`, `fastst bench ddp compare DIR`.
         from .ddp import main as ddp_main
 
         return ddp_main(argv[1:])
