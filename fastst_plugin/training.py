@@ -458,9 +458,7 @@ def _wrap_train(orig):
             try:
                 return orig(self, *args, **kwargs)
             finally:
-                _close_reducer(self)
-                _unshare_zero_grad_of(self)
-                _unignore(self)
+                _undo_ddp_patches(self)
         from .gil import prompt_gil_handoff
 
         # The stock NaN/Inf loss filter reads the step's loss on the host (`bool(torch.isnan(loss))`):
@@ -476,9 +474,7 @@ def _wrap_train(orig):
             with prompt_gil_handoff() if PREFETCH_BATCHES else contextlib.nullcontext():
                 return orig(self, *args, **kwargs)
         finally:
-            _close_reducer(self)
-            _unshare_zero_grad_of(self)
-            _unignore(self)
+            _undo_ddp_patches(self)
             if device_filter:
                 args_.logging_nan_inf_filter = True
                 if previous is _MISSING:
@@ -546,7 +542,7 @@ def _unignore(trainer) -> None:
 
 
 def _check_ignored_params(model) -> None:
-    ignored = getattr(_unwrap(model), _OUR_DDP_IGNORE, None)
+    ignored = getattr(_unwrap(model), "__dict__", {}).get(_OUR_DDP_IGNORE)  # per step: no Module.__getattr__ miss
     if ignored and any(p.grad is not None for p in ignored):
         raise RuntimeError(
             "fastst: a parameter left out of DDP's gradient reduction (one the fast forward never reads, e.g. a "
@@ -581,6 +577,13 @@ def _close_reducer(trainer) -> None:
     reducer = trainer.__dict__.pop(_REDUCER, None)
     if reducer is not None and reducer is not _MISSING:
         reducer.close()
+
+
+def _undo_ddp_patches(trainer) -> None:
+    """What one ``train()`` call set up around DDP, undone when it returns."""
+    _close_reducer(trainer)
+    _unshare_zero_grad_of(trainer)
+    _unignore(trainer)
 
 
 _WRAPPER_ZERO_GRAD = "_fastst_wrapper_zero_grad"
