@@ -5,8 +5,8 @@ launches; in eager mode the host spends longer launching them (Python, autograd,
 than the GPU spends running them. A captured graph replays all of them with one call.
 
 How: a packed batch (``T`` tokens, ``N`` texts) is padded up to a bucket (``T_b`` tokens in steps of
-about 1/8 of T, ``N_b`` sequences in steps of 64): the extra tokens form dummy sequences whose
-outputs are dropped, the extra sequences have length zero. Per bucket, one forward graph and one
+about 1/8 of T, ``N_b`` sequences in steps of 64): the extra tokens form short dummy sequences (spread
+over the spare sequence slots) whose outputs are dropped; spare slots left over have length zero. Per bucket, one forward graph and one
 backward graph are captured (after warm-up on a side stream), sharing one memory pool; the static
 inputs are filled straight from the host pack (no host sync). The pattern follows
 ``torch.cuda.make_graphed_callables``, with two differences: parameter gradients are returned as
@@ -254,7 +254,13 @@ class _StaticBatch:
         and re-takes the GIL, and while the tokenizer threads hold it every re-take can wait."""
         t, n, cap, t_b, n_b = int(hp.cu_seqlens[-1]), hp.num_seqs, self.max_seqlen, self.t_b, self.n_b
         extra = t_b - t
-        n_dummy = -(-extra // cap)  # full-length dummy sequences, then the remainder
+        # The padding tokens form dummy sequences spread over every spare sequence slot of the bucket
+        # (at least ceil(extra / cap) of them: the bucket key counts that many), as short as the slots
+        # allow: attention over a dummy costs its length squared, and full-length dummies made the
+        # padding of a 1,024-token bucket as expensive as several real documents.
+        n_dummy = min(extra, n_b - n)
+        dlen = -(-extra // n_dummy) if n_dummy else 0
+        assert dlen <= cap, (extra, n_b, n, cap)
         with_tt = self.token_type_ids is not None
         device = self.input_ids.device
         staged = torch.empty((3 + with_tt) * t_b + n_b + 1, dtype=torch.long, pin_memory=device.type == "cuda")
@@ -264,13 +270,13 @@ class _StaticBatch:
         ids[t:] = pad_token_id
         pos[:t] = hp.position_ids.numpy()
         tail = np.arange(extra, dtype=np.int64)
-        pos[t:] = tail % cap
+        pos[t:] = tail % dlen if dlen else tail
         # flat index into a right-padded [n_b, cap] layout; dummy sequence j is segment n + j
         pad_index[:t] = hp.seq_idx.numpy() * cap + pos[:t]
-        pad_index[t:] = n * cap + tail
+        pad_index[t:] = (n + tail // max(dlen, 1)) * cap + pos[t:]
         cu = buf[3 * t_b : 3 * t_b + n_b + 1]
         cu[: n + 1] = hp.cu_seqlens.numpy()
-        cu[n + 1 : n + 1 + n_dummy] = t + np.minimum(np.arange(1, n_dummy + 1, dtype=np.int64) * cap, extra)
+        cu[n + 1 : n + 1 + n_dummy] = t + np.minimum(np.arange(1, n_dummy + 1, dtype=np.int64) * dlen, extra)
         cu[n + 1 + n_dummy :] = t_b
         if with_tt:
             tt = buf[3 * t_b + n_b + 1 :]

@@ -38,6 +38,10 @@ def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
     cu = static.cu_seqlens
     assert int(cu[hp.num_seqs]) == t and int(cu[-1]) == static.t_b
     assert int((cu[1:] - cu[:-1]).max()) <= 16  # dummy sequences respect the length cap
+    lengths = (cu[1:] - cu[:-1])[hp.num_seqs :]
+    spare = static.n_b - hp.num_seqs
+    # the padding is spread over the spare slots: dummies as short as those allow
+    assert int(lengths.max()) == -(-(static.t_b - t) // min(spare, static.t_b - t))
     with torch.no_grad():
         padded = encoder.forward_eager(static.as_packed())[:t]
         plain = encoder.forward_eager(hp.to_device("cpu"))
@@ -45,10 +49,17 @@ def test_padded_bucket_gives_the_same_hidden_states(tmp_path):
 
 
 def _fill_reference(static, hp, pad_token_id):
-    """The static inputs a bucket must hold, written the plain way (one dummy sequence at a time)."""
+    """The static inputs a bucket must hold, written the plain way (one dummy sequence at a time):
+    the padding split over every spare sequence slot, as short as that allows (attention over a
+    dummy costs its length squared)."""
     t, n, cap = int(hp.cu_seqlens[-1]), hp.num_seqs, static.max_seqlen
     extra = static.t_b - t
-    dummy = [cap] * (extra // cap) + ([extra % cap] if extra % cap else [])
+    slots = min(extra, static.n_b - n)
+    length = -(-extra // slots) if slots else 0
+    dummy = []
+    while sum(dummy) < extra:
+        dummy.append(min(length, extra - sum(dummy)))
+    assert len(dummy) <= slots and max(dummy, default=0) <= cap
     ids = torch.full((static.t_b,), pad_token_id, dtype=torch.long)
     ids[:t] = hp.input_ids
     pos, seq = torch.empty(static.t_b, dtype=torch.long), torch.empty(static.t_b, dtype=torch.long)

@@ -1,6 +1,6 @@
 """GPU checks of the memory features (issue #8), bf16, real architectures with random weights.
 
-    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [qlora]   (default: all)
+    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [cached_amp] [qlora]   (default: all)
 
 modes   every gradient checkpointing mode vs "off", four families (MiniLM, ModernBERT, EmbeddingGemma,
         Qwen3-0.6B), LoRA r=16: embedding cosine and the largest relative LoRA-gradient error, next
@@ -13,6 +13,8 @@ peaks   the #8 cell (EmbeddingGemma, 64 pairs of long documents, max_seq_length 
         one forward + backward per mode, LoRA and QLoRA (weights included, optimizer excluded)
 cached  bert-base: CachedMultipleNegativesRankingLoss gradients vs MultipleNegativesRankingLoss through
         fastst (CUDA graphs on), then a few cached steps (graphs captured in both passes?)
+cached_amp  the same with fp32 weights under bf16 autocast (graphs captured under autocast), and
+        against stock's CachedMultipleNegativesRankingLoss under the same autocast
 qlora   EmbeddingGemma nf4: the fast path (fused, de-quantizing inside the LoRA node) vs peft's own
         bitsandbytes forward (enable_fast(kernels="off")), per checkpointing mode
 
@@ -86,13 +88,13 @@ def _texts(n, long_len=None, offset=0):
     return qs, ds
 
 
-def _build(key, max_len, *, lora_r=16, quantization=None, kernels="triton", dropout=False, cuda_graphs=False, **opts):
+def _build(key, max_len, *, lora_r=16, quantization=None, kernels="triton", dropout=False, cuda_graphs=False, dtype=None, **opts):
     """A bench model (real architecture, random weights) with LoRA; eager unless ``cuda_graphs``
     (checkpointed steps always run eagerly: "off" is compared eager to eager)."""
     import fastst_plugin
     from fastst_plugin.bench.models import MODELS, build_model, lora_config
 
-    built = build_model(MODELS[key], max_seq_length=max_len, device=DEV, dtype=DT, dropout=dropout, smoke=SMOKE)
+    built = build_model(MODELS[key], max_seq_length=max_len, device=DEV, dtype=dtype or DT, dropout=dropout, smoke=SMOKE)
     model = built.model
     torch.manual_seed(1)
     cfg = lora_config(built.hf_model, lora_r) if lora_r else None
@@ -285,6 +287,66 @@ def cached():
     except Exception as exc:
         traceback.print_exc()
         _emit({"check": "cached", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        model = None
+        _free()
+
+
+def cached_amp():
+    """fp32 weights under bf16 autocast (a trainer with ``bf16=True``), CUDA graphs on (captured under
+    autocast, the default): fastst CachedMNRL vs fastst MNRL, and stock CachedMNRL (the same model
+    after ``disable_fast``) under the same autocast. The backward (where GradCache replays the
+    mini-batches) runs outside autocast, as in the trainer."""
+    import fastst_plugin
+    from fastst_plugin.packed_loss import packed_columns
+    from sentence_transformers.sentence_transformer import losses
+
+    amp = torch.autocast(DEV, dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+    try:
+        model = _build("bert-base", _n(256, 64), cuda_graphs=True, dtype=torch.float32)
+        qs, ds = _texts(_n(256, 8))
+        features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
+
+        def step(loss_fn, plain):
+            feats = [dict(f) for f in features]
+            ctx = packed_columns(model, feats, loss=loss_fn) if plain else contextlib.nullcontext()
+            with amp, ctx:
+                loss = loss_fn(feats, None)
+            loss.backward()
+            _sync()
+            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+            return loss.item(), grads
+
+        def err(grads, ref):
+            return max(((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+
+        mnrl = losses.MultipleNegativesRankingLoss(model)
+        step(mnrl, True)
+        ref_loss, ref = step(mnrl, True)
+        _, again = step(mnrl, True)
+        noise = err(again, ref)
+        mbs = _n(32, 2)
+        cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
+        step(cm, False)  # first cached step: graphs captured for its buckets
+        loss, grads = step(cm, False)
+        graphed = fastst_plugin.api.get_state(model).encoder.graphed
+        record = {"check": "cached_amp", "model": "bert-base", "weights": "fp32", "autocast": "bf16" if CUDA else "off",
+                  "pairs": len(qs), "mini_batch_size": mbs, "loss_mnrl": ref_loss, "loss_cached": loss,
+                  "grad_rel_err_max": err(grads, ref), "mnrl_vs_mnrl_grad_rel_err": noise,
+                  "graphs_captured": len(graphed.graphs) if graphed else 0,
+                  "graphs_disabled": graphed.disabled_reason if graphed else None}
+        fastst_plugin.disable_fast(model)
+        stock_loss, stock = step(losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs), False)
+        record.update({"loss_stock_cached": stock_loss, "fast_vs_stock_cached_grad_rel_err": err(grads, stock),
+                       "stock_cached_vs_fast_mnrl_grad_rel_err": err(stock, ref)})
+        record["ok"] = (abs(loss - ref_loss) <= 2e-2 * abs(ref_loss) and abs(loss - stock_loss) <= 2e-2 * abs(stock_loss)
+                        and record["grad_rel_err_max"] <= max(4 * noise, 3e-2)
+                        and record["fast_vs_stock_cached_grad_rel_err"] <= max(4 * noise, 3e-2))
+        _emit(record)
+    except Exception as exc:
+        traceback.print_exc()
+        _emit({"check": "cached_amp", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
         model = None
         _free()

@@ -21,6 +21,10 @@
 #                                             speed; MiniLM's bench step alone / beside stock / phases
 #   bash tests/gpu/run_acceptance.sh long     1024-token cells (large graphs and eager), bert-base 128/512,
 #                                             full FT peaks, MiniLM host profile
+#   bash tests/gpu/run_acceptance.sh seventh  CachedMNRL and SPLADE training under bf16 autocast (graphed), the
+#                                             sparse-encode bench cell, 1024-token Gemma3/Qwen3 kernel profiles
+#   bash tests/gpu/run_acceptance.sh gqa      direct flash kernels vs varlen_attn (values, grads, time); 1024-token
+#                                             Gemma3/Qwen3 cells
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -92,6 +96,25 @@ cached)  # issue #8's CachedMNRL cell: correctness, then cached (stock, fastst) 
     --contenders fastst --loss cached-mnrl --mini-batch-size 256 --out $R/cached --append >> $R/cached.log 2>&1
   timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
     --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  ;;
+seventh)  # combos unchecked since graphs under autocast became the default (CachedMNRL, SPLADE training),
+          # the SparseEncoder encode cell of the bench, and where the 1024-token Gemma3 / Qwen3 steps spend
+          # their GPU time (issue #6: both GPU-bound, 5.81x and 4.08x of the 6x target)
+  stage cached-amp; OUT=$R timeout 120 python3 tests/gpu/memory_checks.py cached_amp > $R/cached-amp.log 2>&1
+  stage sparse; OUT=$R FASTST_SPARSE_CHECKS_DEADLINE=120 timeout 160 python3 tests/gpu/sparse_checks.py > $R/sparse.log 2>&1
+  stage sparse-encode; timeout 90 $B encode --api sparse-encode --models bert-base --corpus-size 2000 --contenders stock,fastst \
+    --repeats 2 --out $R/sparse-encode > $R/sparse-encode.log 2>&1
+  for m in embeddinggemma-300m qwen3-0.6b; do stage prof-$m
+    FASTST_CUDA_GRAPHS=0 OUT=$R timeout 110 python3 tests/gpu/profile_step.py $m --steps 6 --max-seq-length 1024 \
+      --extra=--long-docs --tag=-1024-eager > $R/prof-$m.log 2>&1; done
+  ;;
+gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
+      # issue #6's 1024-token cells (graph padding now in short dummy sequences)
+  stage flash; OUT=$R timeout 120 python3 tests/gpu/flash_direct_check.py > $R/flash.log 2>&1
+  L="--no-dropout --steps 4 --repeats 2 --warmup 4 --long-docs --max-seq-length 1024"
+  stage long-gemma; timeout 130 $B train $L --models embeddinggemma-300m --contenders stock,fastst --out $R/long > $R/long.log 2>&1
+  stage long-qwen; timeout 160 $B train $L --models qwen3-0.6b --contenders stock,fastst --out $R/long --append >> $R/long.log 2>&1
+  cat $R/flash.log >> $R/timeline.txt
   ;;
 long)  # issue #6's 1024-token cells (large training buckets captured, and eager for comparison), issue #5's
        # 128 / 512 cells and full fine-tuning peaks, and where MiniLM's 64-pair step spends its host time
