@@ -114,9 +114,8 @@ def _trainer(model, args, train, **kwargs):
     from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    return SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model), **kwargs
-    )
+    kwargs.setdefault("loss", MultipleNegativesRankingLoss(model))
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=train, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,6 +311,29 @@ def test_compute_loss_runs_inside_packed_columns(tmp_path, monkeypatch, tiny):
     plain.max_seq_length = 32
     _trainer(plain, _args(tmp_path / "plain", max_steps=1, learning_rate=1e-5), _pairs(8)).train()
     assert calls == []
+
+
+def test_backward_runs_on_the_calling_thread_during_train(tmp_path, monkeypatch, tiny):
+    """A fast model's train() runs backward on the trainer's thread (autograd's per-device worker
+    thread hand-off cost host time per step on a GPU); the thread-local flag comes back afterwards,
+    and FASTST_BACKWARD_THREAD=device keeps torch's default."""
+    from sentence_transformers.sentence_transformer import losses
+
+    seen = []
+
+    class Recording(losses.MultipleNegativesRankingLoss):
+        def forward(self, *args, **kwargs):
+            seen.append(torch.autograd.is_multithreading_enabled())
+            return super().forward(*args, **kwargs)
+
+    model = _model(path=tiny, kernels="torch")
+    _trainer(model, _args(tmp_path, max_steps=2), _pairs(16), loss=Recording(model)).train()
+    assert seen == [False, False]
+    assert torch.autograd.is_multithreading_enabled()
+    seen.clear()
+    monkeypatch.setenv("FASTST_BACKWARD_THREAD", "device")
+    _trainer(model, _args(tmp_path / "b", max_steps=1), _pairs(8), loss=Recording(model)).train()
+    assert seen == [True]
 
 
 def test_overlapped_steps_train_the_same_as_stock_steps(tmp_path, monkeypatch, tiny):

@@ -13,6 +13,8 @@ configuration, the same batches, the same optimizer (AdamW) and learning rate. A
 ``loss(features, labels)`` + ``backward`` + ``optimizer.step`` + ``zero_grad`` on batches tokenized
 beforehand (by the contender's own ``model.preprocess``) and already on the device; CrossEncoder
 losses tokenize inside the loss call, as in ST, so their steps include tokenization for everyone.
+fastst's step is the one its patched trainer runs: the loss call inside ``packed_columns`` and
+``backward`` on the calling thread (``fastst_plugin.training.backward_on_calling_thread``).
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class Run:
     batches: list = field(default_factory=list)
     loss_ctx: Any = None
     autocast: Any = None
+    # fastst: backward on the calling thread, as the patched trainer runs it (training.backward_on_calling_thread)
+    backward_ctx: Any = contextlib.nullcontext
     step_index: int = 0
     step_ms: list[float] = field(default_factory=list)
     rep_median_ms: list[float] = field(default_factory=list)
@@ -253,6 +257,10 @@ def _build(run: Run, cell: CellSpec) -> None:
         flat_mod.enable_flattening(built.transformer)
         flat_mod.NOTES.clear()  # what the kernel could not reproduce, collected for this cell's record
     run.autocast = autocast_ctx(cell)
+    if run.name == "fastst":
+        from fastst_plugin.training import backward_on_calling_thread
+
+        run.backward_ctx = backward_on_calling_thread
 
     if cell.workload == "encode":
         model.eval()
@@ -354,7 +362,8 @@ def train_step(run: Run, stamp=_no_stamp):
         else:
             loss = run.loss_fn(feats, labels)
     stamp("forward+loss")
-    loss.backward()
+    with run.backward_ctx():
+        loss.backward()
     stamp("backward")
     run.optimizer.step()
     stamp("optimizer.step")
