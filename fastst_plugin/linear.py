@@ -82,9 +82,7 @@ def _dequantize_int8(base) -> torch.Tensor:
         return w.data.float() * (scb.float()[:, None] / 127.0)
 
 
-def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool, fuse_out: bool = False, fuse_in: bool = False) -> torch.Tensor:
-    """``mod(x)``; ``fuse_out`` / ``fuse_in``: the caller takes a row-strided output / input gradient
-    from a fused LoRA node (see ``kernels.lora``)."""
+def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool) -> torch.Tensor:
     if type(mod) is nn.Linear:
         return F.linear(x, mod.weight, mod.bias)
     lora = _plain_lora(mod)
@@ -92,8 +90,7 @@ def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool, fuse_out: bool
         base, a, b, scaling, p = lora
         weight, weight_fn = _base_weight(base)
         if weight is not None or weight_fn is not None:
-            return lora_linear(x, weight, base.bias, a, b, scaling, p, training, weight_fn=weight_fn,
-                               fuse_out=fuse_out, fuse_in=fuse_in)
+            return lora_linear(x, weight, base.bias, a, b, scaling, p, training, weight_fn=weight_fn)
     return mod(x)
 
 
@@ -132,7 +129,7 @@ class FusedProjection:
             return torch.cat(tensors, 0)
         return self._frozen_cat(tensors)
 
-    def __call__(self, x: torch.Tensor, training: bool, fuse_out: bool = False, fuse_in: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         mods = self.modules
         if all(type(m) is nn.Linear for m in mods):
             w = self._cat([m.weight for m in mods])
@@ -155,8 +152,7 @@ class FusedProjection:
                 if fusable:
                     a_cat = torch.cat([l[1] for l in loras], 0)
                     b_block = torch.block_diag(*[l[2] * l[3] for l in loras])
-                    return lora_linear(x, w, b, a_cat, b_block, 1.0, 0.0, training, weight_fn=weight_fn,
-                                       fuse_out=fuse_out, fuse_in=fuse_in)
+                    return lora_linear(x, w, b, a_cat, b_block, 1.0, 0.0, training, weight_fn=weight_fn)
         return torch.cat([apply_linear(x, m, training) for m in mods], -1)
 
 

@@ -164,11 +164,7 @@ class PackedEncoder:
     def attention(self, layer: _Layer, x, p, tables, training):
         t = x.shape[0]
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        # Fused LoRA nodes may hand back row-strided views (and take row-strided input gradients)
-        # wherever the neighbours read strides: q/k/v are column slices anyway, the norms and
-        # the attention kernels take row strides (kernels.lora).
-        qkv = (layer.qkv(x, training, fuse_out=True, fuse_in=True) if isinstance(layer.qkv, FusedProjection)
-               else apply_linear(x, layer.qkv, training, fuse_out=True, fuse_in=True))
+        qkv = layer.qkv(x, training) if isinstance(layer.qkv, FusedProjection) else apply_linear(x, layer.qkv, training)
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
         if layer.ls.rope:
@@ -192,7 +188,7 @@ class PackedEncoder:
             causal=self.causal, window=layer.window, scale=self.scale,
             dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
         )
-        return apply_linear(o.reshape(t, hq * d), layer.o, training, fuse_out=True, fuse_in=True)
+        return apply_linear(o.reshape(t, hq * d), layer.o, training)
 
     def mlp(self, layer: _Layer, x, training):
         act = layer.ls.activation
@@ -203,16 +199,11 @@ class PackedEncoder:
                 y = torch.nn.functional.linear(x, mod.weight)
                 y = ops.bias_gelu(y, mod.bias, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
             else:
-                # the GELU kernel works on dense rows: no strided output here, nor into mlp_out's backward
-                y = ops.bias_gelu(apply_linear(x, mod, training, fuse_in=True), None,
-                                  "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
-            return apply_linear(y, layer.mlp_out, training, fuse_out=True)
-        if isinstance(layer.mlp_in, FusedProjection):
-            y = layer.mlp_in(x, training, fuse_out=True, fuse_in=True)
+                y = ops.bias_gelu(apply_linear(x, mod, training), None, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
         else:
-            y = apply_linear(x, layer.mlp_in, training, fuse_out=True, fuse_in=True)
-        y = ops.gated_activation(y, _GLU[act], kernels=self.kernels)
-        return apply_linear(y, layer.mlp_out, training, fuse_out=True, fuse_in=True)
+            y = layer.mlp_in(x, training) if isinstance(layer.mlp_in, FusedProjection) else apply_linear(x, layer.mlp_in, training)
+            y = ops.gated_activation(y, _GLU[act], kernels=self.kernels)
+        return apply_linear(y, layer.mlp_out, training)
 
     def layer_forward(self, layer: _Layer, h, p, tables):
         training = self.base.training

@@ -73,7 +73,7 @@ if triton_available():
 
     @triton.jit
     def _glu_bwd_kernel(
-        g_ptr, x_ptr, dx_ptr, n_rows, n_cols, stride_xr, stride_gr,
+        g_ptr, x_ptr, dx_ptr, n_rows, n_cols, stride_xr,
         ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
     ):
         pid_r = tl.program_id(0)
@@ -85,7 +85,7 @@ if triton_available():
         x_offs = rows64 * stride_xr + cols[None, :]
         a = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + x_offs + n_cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows64 * stride_gr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows64 * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         act, dact = _act_fwd_and_grad(a, ACT)
         dx_offs = rows64 * (2 * n_cols) + cols[None, :]
         tl.store(dx_ptr + dx_offs, (g * u * dact).to(dx_ptr.dtype.element_ty), mask=mask)
@@ -130,13 +130,12 @@ class _GatedActFn(torch.autograd.Function):
         (x2,) = ctx.saved_tensors
         n_rows, two_f = x2.shape
         n_cols = two_f // 2
-        # Row-strided gradients (a fused LoRA node's dx, kernels.lora) are read in place.
-        g = _as_rows(grad_out.reshape(n_rows, n_cols))
+        g = grad_out.reshape(n_rows, n_cols).contiguous()
         dx = torch.empty((n_rows, two_f), dtype=x2.dtype, device=x2.device)
         if dx.numel() > 0:
             br, bf, nw = _blocks(n_rows, n_cols)
             _glu_bwd_kernel[(triton.cdiv(n_rows, br), triton.cdiv(n_cols, bf))](
-                g, x2, dx, n_rows, n_cols, x2.stride(0), g.stride(0),
+                g, x2, dx, n_rows, n_cols, x2.stride(0),
                 ACT=ctx.act_id, BLOCK_R=br, BLOCK_F=bf, num_warps=nw,
             )
         return dx.view(ctx.x_shape), None

@@ -22,23 +22,10 @@ base weight, and a quantized base weight is de-quantized again in backward inste
 The GEMMs are cuBLAS (they are compute-bound and cuBLAS is at the roofline for these shapes); the
 fusion is in the bookkeeping, not in a Triton matmul. ``lora_linear_reference`` is the plain
 composition used as the test oracle.
-
-The rank-r products are memory-bound: each reads a whole ``[T, K]`` or ``[T, N]`` activation for
-r = 32 output columns (H200, EmbeddingGemma, 64 pairs of 1,024-token documents: 16 % of the step's
-GPU time). Where the layout allows (no dropout, no selective checkpointing), the low-rank factor
-rides along with the base GEMM that reads the same activation:
-
-    [x Wᵀ + b | u] = x [W; A]ᵀ + [b | 0]     forward: one GEMM reads x once, then y += s · u Bᵀ in place
-    [g W | du]     = g [W | s·B]             backward: one GEMM reads g once, then dx += du A in place
-
-so ``y`` and ``dx`` are views with a row stride of N + r / K + r (every consumer reads strides; the
-copies of ``[W; A]`` / ``[W | s·B]`` cost one weight's traffic, small beside the activations).
-``FASTST_LORA_FUSED=0`` turns this off.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -52,48 +39,10 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.
     return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_a), lora_b) * scaling
 
 
-def _fused_enabled() -> bool:
-    """The low-rank factors ride along with the base GEMMs (module docstring); ``FASTST_LORA_FUSED=0``: separate GEMMs."""
-    return os.environ.get("FASTST_LORA_FUSED", "1") != "0"
-
-
-# Fusing copies the weight ([W; A] or [W | s·B]: read and write N x K) to save one read of a
-# [T, K] (forward) or [T, N] (backward) activation: worth it from T >= FUSE_MIN_ROWS_PER_WEIGHT_ROW x
-# the weight's other dimension (the copy then costs at most half of what it saves).
-FUSE_MIN_ROWS_PER_WEIGHT_ROW = float(os.environ.get("FASTST_LORA_FUSE_MIN_RATIO", "4"))  # 0: always (GPU checks)
-
-
-def _worth_fusing(rows: int, weight_other_dim: int) -> bool:
-    return rows >= FUSE_MIN_ROWS_PER_WEIGHT_ROW * weight_other_dim
-
-
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, fuse_out=False, fuse_in=False):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn):
         w = weight_fn() if weight_fn is not None else weight
-        ctx.scaling = scaling
-        ctx.weight_fn = weight_fn
-        ctx.w_needs_grad = weight is not None and weight.requires_grad
-        ctx.b_needs_grad = bias is not None and bias.requires_grad
-        rows = x.numel() // max(x.shape[-1], 1)
-        fused_ok = mask is None and _fused_enabled()
-        # Backward: [g W | du] when the caller takes a strided dx and the activations outweigh the
-        # weight copy (``_worth_fusing``).
-        ctx.fuse_in = fuse_in and fused_ok and _worth_fusing(rows, w.shape[1])
-        if fuse_out and fused_ok and not selective_active() and _worth_fusing(rows, w.shape[0]):
-            # [x Wᵀ + b | u] in one GEMM (x read once), then the rank-r term added onto the base part.
-            x2 = x.reshape(-1, x.shape[-1])
-            n, r = w.shape[0], lora_a.shape[0]
-            wa = torch.cat([w, lora_a], 0)
-            if bias is not None:
-                yu = torch.addmm(torch.cat([bias, bias.new_zeros(r)]), x2, wa.t())
-            else:
-                yu = x2 @ wa.t()
-            u2 = yu[:, n:]
-            y = yu[:, :n].addmm_(u2, lora_b.t(), alpha=scaling)
-            # u alone (a view would keep the whole [T, N + r] output alive until backward).
-            ctx.save_for_backward(x, weight if weight_fn is None else None, lora_a, lora_b, u2.clone(), None)
-            return y.view(*x.shape[:-1], n)
         xd = x * mask if mask is not None else x
         u = xd @ lora_a.t()
         x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
@@ -114,6 +63,10 @@ class _LoRALinearFn(torch.autograd.Function):
         else:
             y = delta.addmm_(x2, w.t())
         y = y.view(*x.shape[:-1], w.shape[0])
+        ctx.scaling = scaling
+        ctx.weight_fn = weight_fn
+        ctx.w_needs_grad = weight is not None and weight.requires_grad
+        ctx.b_needs_grad = bias is not None and bias.requires_grad
         ctx.save_for_backward(x, weight if weight_fn is None else None, lora_a, lora_b, u, mask)
         return y
 
@@ -126,22 +79,13 @@ class _LoRALinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         u2 = u.reshape(-1, u.shape[-1])
         grad_x = grad_w = grad_b = grad_a = grad_bm = None
-        fused = ctx.fuse_in and ctx.needs_input_grad[0] and ctx.needs_input_grad[3]
-        if fused:
-            # [g W | du] in one GEMM (g read once); dx += du A below, in place on its strided view.
-            k = w.shape[1]
-            gx_du = g @ torch.cat([w.to(g.dtype), (lora_b * s).to(g.dtype)], 1)
-            base_dx, du = gx_du[:, :k], gx_du[:, k:]
-        else:
-            du = (g @ lora_b) * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None
+        du = (g @ lora_b) * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None
         if ctx.needs_input_grad[4]:
             grad_bm = (g.t() @ u2).mul_(s).to(lora_b.dtype)
         if ctx.needs_input_grad[3]:
             xd = x2 * mask.reshape(x2.shape) if mask is not None else x2
             grad_a = (du.t() @ xd).to(lora_a.dtype)
-        if fused:
-            grad_x = base_dx.addmm_(du, lora_a.to(du.dtype)).view(x.shape)
-        elif ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
             # Low-rank term first, base product accumulated onto it in place (no [T, K] copy; see forward).
             lora_dx = du @ lora_a
             if mask is not None:
@@ -151,7 +95,7 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_w = (g.t() @ x2).to(weight.dtype)
         if ctx.b_needs_grad and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None
 
 
 def lora_linear(
@@ -164,13 +108,8 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
     weight_fn: Callable[[], torch.Tensor] | None = None,
-    fuse_out: bool = False,
-    fuse_in: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear over the last dim of ``x``. ``weight_fn`` replaces ``weight`` for quantized bases.
-
-    ``fuse_out`` / ``fuse_in``: the caller accepts an output / an input gradient that is a view with a
-    row stride wider than its width (the low-rank factor computed in the same GEMM; module docstring)."""
+    """LoRA linear over the last dim of ``x``. ``weight_fn`` replaces ``weight`` for quantized bases."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Autocast does not reach inside a custom Function: cast once here, differentiably.
@@ -190,4 +129,4 @@ def lora_linear(
         if dropout_p and training:
             # A scaled keep-mask in x's dtype: dropout(x) == x * mask, and backward reuses it.
             mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, fuse_out, fuse_in)
+        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn)

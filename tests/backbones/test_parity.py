@@ -164,30 +164,6 @@ def test_lora_packed_matches_peft(tmp_path):
     _assert_grads_close(g, gref)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_lora_fused_into_the_base_gemms_matches_peft(tmp_path, family, kernels, monkeypatch):
-    """LoRA's rank-r factors computed inside the base GEMMs (kernels.lora: row-strided outputs and
-    input gradients flowing through the norm / GLU / attention kernels) equal peft's LoRA layers."""
-    from peft import LoraConfig
-
-    from fastst_plugin.kernels import lora
-
-    model = save_tiny(tmp_path, family)
-    model.eval()
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    fastst_plugin.enable_fast(model, lora=cfg, kernels="off")
-    ref, gref = _embed_and_grads(model, TEXTS)
-    monkeypatch.setattr(lora, "FUSE_MIN_ROWS_PER_WEIGHT_ROW", 0)  # tiny batches: fuse every node
-    calls = []
-    real = lora._LoRALinearFn.apply
-    monkeypatch.setattr(lora._LoRALinearFn, "apply", lambda *a: calls.append(a[-2:]) or real(*a))
-    fastst_plugin.enable_fast(model, kernels=kernels)
-    out, g = _embed_and_grads(model, TEXTS)
-    assert (True, True) in calls  # fused nodes ran (fuse_out, fuse_in)
-    assert torch.nn.functional.cosine_similarity(ref, out).min() >= 0.99999
-    _assert_grads_close(g, gref)
-
-
 def test_gradient_checkpointing_same_gradients(tmp_path):
     model = save_tiny(tmp_path, "modernbert")
     model.eval()

@@ -25,7 +25,6 @@
 #                                             sparse-encode bench cell, 1024-token Gemma3/Qwen3 kernel profiles
 #   bash tests/gpu/run_acceptance.sh gqa      direct flash kernels vs varlen_attn (values, grads, time); 1024-token
 #                                             Gemma3/Qwen3 cells
-#   bash tests/gpu/run_acceptance.sh lorafused LoRA factors inside the base GEMMs: parity (all nodes fused), 1024 cells, A/B
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -108,16 +107,6 @@ seventh)  # combos unchecked since graphs under autocast became the default (Cac
   for m in embeddinggemma-300m qwen3-0.6b; do stage prof-$m
     FASTST_CUDA_GRAPHS=0 OUT=$R timeout 110 python3 tests/gpu/profile_step.py $m --steps 6 --max-seq-length 1024 \
       --extra=--long-docs --tag=-1024-eager > $R/prof-$m.log 2>&1; done
-  ;;
-lorafused)  # LoRA's rank-r factors inside the base GEMMs (kernels.lora): bf16 parity with every node fused
-            # (short texts would not fuse by the weight-copy rule), then the 1024-token cells, and the
-            # Gemma cell with the fusion off (A/B)
-  stage parity; FASTST_LORA_FUSE_MIN_RATIO=0 OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py parity bert-base embeddinggemma-300m qwen3-0.6b > $R/parity.log 2>&1
-  L="--no-dropout --steps 4 --repeats 2 --warmup 4 --long-docs --max-seq-length 1024"
-  stage long-gemma; timeout 130 $B train $L --models embeddinggemma-300m --contenders stock,fastst --out $R/long > $R/long.log 2>&1
-  stage long-gemma-unfused; FASTST_LORA_FUSED=0 timeout 60 $B train $L --no-profile --models embeddinggemma-300m --contenders fastst --out $R/long-unfused > $R/long-unfused.log 2>&1
-  stage long-qwen; timeout 160 $B train $L --models qwen3-0.6b --contenders stock,fastst --out $R/long --append >> $R/long.log 2>&1
-  grep -h '^{' $R/parity.log | cut -c1-330 >> $R/timeline.txt
   ;;
 gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
       # issue #6's 1024-token cells (graph padding now in short dummy sequences)
