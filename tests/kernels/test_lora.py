@@ -1,0 +1,72 @@
+"""The fused LoRA node (``kernels.lora``) against its plain composition: values and gradients of the
+input, the adapters and (full fine-tuning) the base weight and bias; a quantized base via
+``weight_fn``; dropout through its saved keep-mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastst_plugin.kernels import lora as L
+
+
+def _inputs(shape, k, n, r, bias, train_w, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, k, generator=gen, dtype=torch.float64).requires_grad_(True)
+    w = (torch.randn(n, k, generator=gen, dtype=torch.float64) / k**0.5).requires_grad_(train_w)
+    b = torch.randn(n, generator=gen, dtype=torch.float64).requires_grad_(train_w) if bias else None
+    a = (torch.randn(r, k, generator=gen, dtype=torch.float64) / k**0.5).requires_grad_(True)
+    bm = (torch.randn(n, r, generator=gen, dtype=torch.float64) / r**0.5).requires_grad_(True)
+    g = torch.randn(*shape, n, generator=gen, dtype=torch.float64)
+    return x, w, b, a, bm, g
+
+
+def _run(fn, x, w, b, a, bm, g):
+    leaves = [t for t in (x, w, b, a, bm) if t is not None and t.requires_grad]
+    for t in leaves:
+        t.grad = None
+    y = fn(x, w, b, a, bm)
+    y.backward(g)
+    return y.detach().clone(), [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("shape", [(40,), (4, 10)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_w", [False, True])
+def test_matches_reference(shape, bias, train_w):
+    x, w, b, a, bm, g = _inputs(shape, 6, 5, 3, bias, train_w)
+    ref_y, ref_g = _run(lambda *t: L.lora_linear_reference(*t, 0.7), x, w, b, a, bm, g)
+    y, grads = _run(lambda *t: L.lora_linear(*t, 0.7), x, w, b, a, bm, g)
+    torch.testing.assert_close(y, ref_y)
+    for got, want in zip(grads, ref_g):
+        torch.testing.assert_close(got, want)
+    if not train_w:
+        assert w.grad is None  # never a gradient for a frozen base weight
+
+
+def test_quantized_base_through_weight_fn():
+    x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, True, False)
+    ref_y, ref_g = _run(lambda *t: L.lora_linear_reference(*t, 0.5), x, w, b, a, bm, g)
+    frozen = w.detach().clone()
+    y, grads = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, None, b_, a_, bm_, 0.5, weight_fn=lambda: frozen),
+                    x, w, b, a, bm, g)
+    torch.testing.assert_close(y, ref_y)
+    for got, want in zip(grads, ref_g):
+        torch.testing.assert_close(got, want)
+
+
+def test_dropout_uses_one_mask_for_forward_and_backward():
+    """With dropout the rank-r branch sees dropout(x); the gradients are those of that same mask."""
+    x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, False, False)
+    torch.manual_seed(0)
+    y, grads = _run(lambda *t: L.lora_linear(*t, 1.0, dropout_p=0.5, training=True), x, w, b, a, bm, g)
+    torch.manual_seed(0)
+    mask = torch.empty_like(x).bernoulli_(0.5).div_(0.5)  # the node draws its mask the same way
+
+    def reference(x_, w_, b_, a_, bm_):
+        return x_ @ w_.t() + ((x_ * mask) @ a_.t()) @ bm_.t()
+
+    ref_y, ref_g = _run(reference, x, w, b, a, bm, g)
+    torch.testing.assert_close(y, ref_y)
+    for got, want in zip(grads, ref_g):
+        torch.testing.assert_close(got, want)
