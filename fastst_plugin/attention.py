@@ -177,9 +177,11 @@ class _FlashVarlenFn(torch.autograd.Function):
     Why not ``torch.nn.attention.varlen.varlen_attn``: before torch 2.13 it has no ``enable_gqa``, so
     K/V had to be repeated to the query's head count first: a [T, Hq, D] copy of each in the forward
     and a reduction of their gradients in the backward (H200, 64 pairs of 1,024-token documents:
-    ~24 ms of a ~320 ms Qwen3-0.6B step, ~4 ms of Gemma3's ~116 ms; FlashAttention-2 itself reads
-    shared K/V heads and sums their gradients). The kernels are the same ones ``varlen_attn``
-    calls; calling them without its custom-op wrapper also saves host time per call in eager steps.
+    ~24 ms of a ~320 ms Qwen3-0.6B step). FlashAttention-2 reads shared K/V heads itself; its
+    backward still expands dK/dV internally and sums them, so the saving is mostly the forward copy:
+    0.15-0.32 ms per Gemma3/Qwen3 layer at ~40k tokens (tests/gpu/flash_direct_check.py). The
+    kernels are the ones ``varlen_attn`` calls; without its custom-op wrapper each call also costs
+    less host time in eager steps.
     """
 
     @staticmethod

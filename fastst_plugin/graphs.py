@@ -5,10 +5,11 @@ launches; in eager mode the host spends longer launching them (Python, autograd,
 than the GPU spends running them. A captured graph replays all of them with one call.
 
 How: a packed batch (``T`` tokens, ``N`` texts) is padded up to a bucket (``T_b`` tokens in steps of
-about 1/8 of T, ``N_b`` sequences in steps of 64): the extra tokens form short dummy sequences (spread
-over the spare sequence slots) whose outputs are dropped; spare slots left over have length zero. Per bucket, one forward graph and one
-backward graph are captured (after warm-up on a side stream), sharing one memory pool; the static
-inputs are filled straight from the host pack (no host sync). The pattern follows
+about 1/8 of T, ``N_b`` sequences in steps of 64): the extra tokens form short dummy sequences
+(spread over the spare sequence slots) whose outputs are dropped; slots left over have length
+zero. Per bucket, one forward graph and one backward graph are captured (after warm-up on a side
+stream), sharing one memory pool; the static inputs are filled straight from the host pack (no
+host sync). The pattern follows
 ``torch.cuda.make_graphed_callables``, with two differences: parameter gradients are returned as
 copies (autograd would otherwise keep a view of the static gradient buffer as ``param.grad``, and
 the next replay would overwrite it, e.g. under gradient accumulation), and a replay is refused —

@@ -458,8 +458,9 @@ def backward_on_calling_thread():
     dozen small nodes, and the hand-off was a visible part of the host time: H200, MiniLM LoRA
     64 pairs, ``tests/gpu/backward_timing.py``: backward 2.2-2.6 ms → 1.5-2.3 ms, step host time
     4.98 → 3.98 ms and 6.33 → 5.78 ms in two rounds (host-bound step; bert-base, GPU-bound: no
-    change). The flag is thread-local (``torch.autograd.set_multithreading_enabled``): nothing outside
-    the block is affected."""
+    change; bench A/B on a noisy host mixed, see docs/benchmarks.md). The flag is thread-local
+    (``torch.autograd.set_multithreading_enabled``, set when the object is built: call this at the
+    ``with``): nothing outside the block is affected."""
     if os.environ.get("FASTST_BACKWARD_THREAD", "caller").strip().lower() == "device":
         return contextlib.nullcontext()
     import torch
@@ -474,10 +475,11 @@ def _wrap_train(orig):
         _ignore_unread_params_in_ddp(self)
         model = getattr(self, "model", None)
         fast = model is not None and _fast_forward_active(_state(model))
-        caller_backward = backward_on_calling_thread() if fast else contextlib.nullcontext()
+        # torch's flag is set when the context object is built: build it at the `with`.
+        caller_backward = backward_on_calling_thread if fast else contextlib.nullcontext
         if args_ is None or not _overlap_wanted(self):
             try:
-                with caller_backward:
+                with caller_backward():
                     return orig(self, *args, **kwargs)
             finally:
                 _undo_ddp_patches(self)
@@ -493,7 +495,7 @@ def _wrap_train(orig):
             args_.logging_nan_inf_filter = False
             self.__dict__["_fastst_device_nan_filter"] = True
         try:
-            with prompt_gil_handoff() if PREFETCH_BATCHES else contextlib.nullcontext(), caller_backward:
+            with prompt_gil_handoff() if PREFETCH_BATCHES else contextlib.nullcontext(), caller_backward():
                 return orig(self, *args, **kwargs)
         finally:
             _undo_ddp_patches(self)
