@@ -240,9 +240,28 @@ def peaks():
             _free()
 
 
+def _loss_step(model, features, loss_fn, plain, autocast=None):
+    """One loss call + backward (plain losses inside ``packed_columns``, as the trainer runs them);
+    (loss, fp32 parameter gradients). ``autocast``: a context to run the loss call under."""
+    from fastst_plugin.packed_loss import packed_columns
+
+    feats = [dict(f) for f in features]
+    ctx = packed_columns(model, feats, loss=loss_fn) if plain else contextlib.nullcontext()
+    with autocast or contextlib.nullcontext(), ctx:
+        loss = loss_fn(feats, None)
+    loss.backward()
+    _sync()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def _max_rel_err(grads, ref):
+    return max(((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+
+
 def cached():
     import fastst_plugin
-    from fastst_plugin.packed_loss import packed_columns
     from sentence_transformers.sentence_transformer import losses
 
     try:
@@ -251,26 +270,18 @@ def cached():
         features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
 
         def step(loss_fn, plain):
-            feats = [dict(f) for f in features]
-            ctx = packed_columns(model, feats, loss=loss_fn) if plain else contextlib.nullcontext()
-            with ctx:
-                loss = loss_fn(feats, None)
-            loss.backward()
-            _sync()
-            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-            model.zero_grad(set_to_none=True)
-            return loss.item(), grads
+            return _loss_step(model, features, loss_fn, plain)
 
         mnrl = losses.MultipleNegativesRankingLoss(model)
         step(mnrl, True)
         ref_loss, ref = step(mnrl, True)
         _, again = step(mnrl, True)
-        noise = max(((again[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+        noise = _max_rel_err(again, ref)
         for mbs, ckpt in ((_n(32, 2), "off"), (_n(8, 1), "off"), (_n(32, 2), "layer")):
             fastst_plugin.enable_fast(model, gradient_checkpointing=ckpt)
             cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
             loss, grads = step(cm, False)
-            err = max(((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+            err = _max_rel_err(grads, ref)
             times = []
             for _ in range(3):  # more steps: graphs captured for recurring buckets
                 t0 = time.perf_counter()
@@ -298,28 +309,18 @@ def cached_amp():
     after ``disable_fast``) under the same autocast. The backward (where GradCache replays the
     mini-batches) runs outside autocast, as in the trainer."""
     import fastst_plugin
-    from fastst_plugin.packed_loss import packed_columns
     from sentence_transformers.sentence_transformer import losses
 
-    amp = torch.autocast(DEV, dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
     try:
         model = _build("bert-base", _n(256, 64), cuda_graphs=True, dtype=torch.float32)
         qs, ds = _texts(_n(256, 8))
         features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
 
         def step(loss_fn, plain):
-            feats = [dict(f) for f in features]
-            ctx = packed_columns(model, feats, loss=loss_fn) if plain else contextlib.nullcontext()
-            with amp, ctx:
-                loss = loss_fn(feats, None)
-            loss.backward()
-            _sync()
-            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-            model.zero_grad(set_to_none=True)
-            return loss.item(), grads
+            amp = torch.autocast(DEV, dtype=torch.bfloat16) if CUDA else None
+            return _loss_step(model, features, loss_fn, plain, autocast=amp)
 
-        def err(grads, ref):
-            return max(((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-20)).item() for n in ref)
+        err = _max_rel_err
 
         mnrl = losses.MultipleNegativesRankingLoss(model)
         step(mnrl, True)
