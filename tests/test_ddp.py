@@ -36,6 +36,13 @@ ARGS = [
 ]
 
 
+def _with_lora(args: list[str], r: int = 16) -> list[str]:
+    """``args`` with ``--lora-r R`` instead of full fine-tuning (only that flag's value changes)."""
+    out = list(args)
+    out[out.index("--lora-r") + 1] = str(r)
+    return out
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.update(
@@ -163,7 +170,7 @@ def test_two_process_lora_checkpoint_resumes(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is needed")
-    lora = [a if a != "0" else "16" for a in ARGS]  # --lora-r 16 instead of full fine-tuning
+    lora = _with_lora(ARGS)
     lora[lora.index("--steps") + 1] = "4"
     full_run, resumed = tmp_path / "full", tmp_path / "resumed"
     _torchrun(tmp_path, "full", *lora, "--out", str(full_run), "--output-dir", str(full_run / "ckpt"), "--save-steps", "2")
@@ -186,7 +193,7 @@ def test_two_process_cached_mnrl_matches_one(tmp_path, monkeypatch):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is needed")
-    args = [a if a != "0" else "16" for a in ARGS] + ["--loss", "cached-mnrl", "--mini-batch-size", "2"]
+    args = _with_lora(ARGS) + ["--loss", "cached-mnrl", "--mini-batch-size", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     _torchrun(tmp_path, "two", *args, "--out", str(two), meanwhile=lambda: _one_process_run_args(one, monkeypatch, args))
     ref, _ = _read(one / "ddp-bert-base-lora16-1gpu-nockpt-cached-mnrl.jsonl")
