@@ -74,7 +74,7 @@ GRAPH_MAX_TOKENS = 32768
 # EmbeddingGemma LoRA at 1,024 tokens, GPU busy 50 % of a 258 ms step). Past LARGE_GRAPH_MAX_TOKENS
 # nothing is captured. Inference batches over GRAPH_MAX_TOKENS stay eager (no backward to amortise).
 LARGE_GRAPH_MAX_TOKENS = 262144
-MAX_LARGE_GRAPHS = 2
+MAX_LARGE_GRAPHS = 4  # all buckets share one graph pool; _check_room refuses a capture the card cannot hold
 LARGE_GRAPH_HEADROOM = 2.2
 LARGE_GRAPH_MARGIN_BYTES = 2 << 30
 # Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
@@ -143,7 +143,12 @@ def _capture_mode() -> str:
 
 
 def bucket_tokens(t: int) -> int:
+    """``t`` rounded up to its bucket: steps of 1/8 of the power of two below ``t``, and 1/16 past
+    ``GRAPH_MAX_TOKENS`` (a large step's padding is real compute: 64 pairs of 1,024-token documents
+    padded 4.45 % at 4,096-token steps, 1.3 % at 2,048; more buckets, hence ``MAX_LARGE_GRAPHS``)."""
     step = max(256, (1 << (max(t, 1).bit_length() - 1)) // 8)
+    if t > GRAPH_MAX_TOKENS:
+        step //= 2
     return int(math.ceil(t / step) * step)
 
 

@@ -17,6 +17,9 @@ def test_buckets_grow_by_about_an_eighth():
     assert bucket_tokens(6200) == 6656  # steps of 512 between 4096 and 8191
     assert bucket_tokens(6656) == 6656
     assert bucket_seqs(130) == 192
+    # past GRAPH_MAX_TOKENS (large training steps) the steps are halved: their padding is real compute
+    assert bucket_tokens(32768) == 32768 and bucket_tokens(32769) == 34816
+    assert [bucket_tokens(t) for t in (50513, 49931, 48931, 46675)] == [51200, 51200, 49152, 47104]
 
 
 def test_inference_sequence_buckets_are_powers_of_two():
@@ -241,11 +244,11 @@ def test_large_training_buckets_are_captured_when_they_recur(monkeypatch):
     assert graphed._get_or_capture(large, None, "cuda") is not None  # ...captured when the size recurs
     assert graphed._get_or_capture(_key(49152, grad=False), None, "cuda") is None  # inference: never
     assert graphed._get_or_capture(_key(49152, grad=False), None, "cuda") is None
-    for tokens in (53248, 57344):  # at most MAX_LARGE_GRAPHS buckets hold a step's activations
+    for tokens in (51200, 53248, 55296, 57344):  # at most MAX_LARGE_GRAPHS large buckets
         for _ in range(3):
             graphed._get_or_capture(_key(tokens), None, "cuda")
-    assert graphs.MAX_LARGE_GRAPHS == 2
-    assert [k[0] for k in captured] == [8192, 49152, 53248]
+    assert graphs.MAX_LARGE_GRAPHS == 4
+    assert [k[0] for k in captured] == [8192, 49152, 51200, 53248, 55296]
     assert graphed.disabled_reason is None
 
 
