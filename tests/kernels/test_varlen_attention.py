@@ -211,3 +211,53 @@ def test_cpu_sdpa_per_sequence_matches_reference(causal, window, hk):
     torch.testing.assert_close(o, o_ref, atol=1e-6, rtol=1e-5)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _fake_varlen(calls):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn (windows, no enable_gqa: torch 2.11's)."""
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append(("varlen_attn", tuple(k.shape), tuple(window_size)))
+        return torch.zeros_like(q)
+
+    return varlen_attn, True, False, False
+
+
+def test_direct_flash_call_args_and_gqa_without_repeat(monkeypatch):
+    """The direct ATen call gets K/V with their own head count, the window, causal=True with the right
+    edge 0 only under a window (FlashAttention sets it itself otherwise)."""
+    calls = []
+
+    def fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale, window_size_left, window_size_right):
+        calls.append((tuple(k.shape), causal, window_size_left, window_size_right, scale))
+        t = torch.zeros(2)
+        return torch.zeros_like(q), torch.zeros(q.shape[1], q.shape[0]), t, t, None
+
+    monkeypatch.setattr(attn_mod, "_aten_flash_ops", lambda: (fwd, None))
+    monkeypatch.setattr(attn_mod, "_torch_varlen", lambda: _fake_varlen(calls))
+    monkeypatch.setattr(attn_mod, "_ATEN_FLASH_BROKEN", [])
+    q, k = torch.randn(10, 4, 8), torch.randn(10, 1, 8)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    attn_mod._run_torch_varlen(q, k, k, cu, 6, False, (3, 3), 0.5)
+    attn_mod._run_torch_varlen(q, k, k, cu, 6, True, None, 0.5)
+    attn_mod._run_torch_varlen(q, k, k, cu, 6, True, (3, 0), 0.5)
+    assert calls == [((10, 1, 8), False, 3, 3, 0.5), ((10, 1, 8), True, -1, -1, 0.5), ((10, 1, 8), True, 3, 0, 0.5)]
+
+
+def test_direct_flash_failure_falls_back_to_varlen_attn_once(monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append("aten")
+        raise TypeError("_flash_attention_forward() got an unexpected keyword argument")
+
+    monkeypatch.setattr(attn_mod, "_aten_flash_ops", lambda: (broken, None))
+    monkeypatch.setattr(attn_mod, "_torch_varlen", lambda: _fake_varlen(calls))
+    monkeypatch.setattr(attn_mod, "_ATEN_FLASH_BROKEN", [])
+    q, k = torch.randn(10, 4, 8), torch.randn(10, 2, 8)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    for _ in range(2):
+        attn_mod._run_torch_varlen(q, k, k, cu, 6, False, None, 0.5)
+    # one failed direct call, then varlen_attn with K/V repeated to the query heads (no enable_gqa)
+    assert calls == ["aten", ("varlen_attn", (10, 4, 8), (-1, -1)), ("varlen_attn", (10, 4, 8), (-1, -1))]
+    assert attn_mod._ATEN_FLASH_BROKEN and "varlen_attn" in attn_mod.available_backends()["torch_varlen"]
