@@ -261,3 +261,33 @@ def test_direct_flash_failure_falls_back_to_varlen_attn_once(monkeypatch):
     # one failed direct call, then varlen_attn with K/V repeated to the query heads (no enable_gqa)
     assert calls == ["aten", ("varlen_attn", (10, 4, 8), (-1, -1)), ("varlen_attn", (10, 4, 8), (-1, -1))]
     assert attn_mod._ATEN_FLASH_BROKEN and "varlen_attn" in attn_mod.available_backends()["torch_varlen"]
+
+
+def test_direct_flash_backward_gets_the_forward_state(monkeypatch):
+    """The backward call receives the forward's output, log-sum-exp and RNG state, the same window and
+    causal flag, and a grad with a unit last stride; K/V gradients keep K/V's head count."""
+    seen = {}
+
+    def fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *, scale, window_size_left, window_size_right):
+        seen["out"] = torch.full_like(q, 2.0)
+        seen["lse"] = torch.ones(q.shape[1], q.shape[0])
+        seen["seed"], seen["offset"] = torch.tensor([7]), torch.tensor([9])
+        return seen["out"], seen["lse"], seen["seed"], seen["offset"], None
+
+    def bwd(g, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, seed, offset, *, scale,
+            window_size_left, window_size_right):
+        for got, name in ((out, "out"), (lse, "lse"), (seed, "seed"), (offset, "offset")):
+            assert got.data_ptr() == seen[name].data_ptr(), name  # the forward's own tensors, saved
+        assert g.stride(-1) == 1 and causal and (window_size_left, window_size_right) == (4, 0) and scale == 0.25
+        return torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)
+
+    monkeypatch.setattr(attn_mod, "_aten_flash_ops", lambda: (fwd, bwd))
+    monkeypatch.setattr(attn_mod, "_torch_varlen", lambda: _fake_varlen([]))
+    monkeypatch.setattr(attn_mod, "_ATEN_FLASH_BROKEN", [])
+    q = torch.randn(10, 4, 8, requires_grad=True)
+    k = torch.randn(10, 2, 8, requires_grad=True)
+    v = torch.randn(10, 2, 8, requires_grad=True)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    out = attn_mod._run_torch_varlen(q, k, v, cu, 6, True, (4, 0), 0.25)
+    out.backward(torch.randn(10, 8, 4).transpose(1, 2))  # a grad without unit last stride
+    assert q.grad.shape == q.shape and k.grad.shape == (10, 2, 8) and v.grad.shape == (10, 2, 8)
