@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import checkpointing, ops
+from ..kernels._backend import on_device
 from ..attention import varlen_attention
 from ..linear import FusedProjection, apply_linear
 from ..log import warn_once
@@ -277,7 +278,8 @@ class PackedEncoder:
         Returns ``(hidden [T, H], PackedBatch on device)``."""
         p = hp.to_device(device)
         if self.state.options.cuda_graphs and device.type == "cuda":
-            out = self.ensure_graphed().run(hp, device)
+            with on_device(device):
+                out = self.ensure_graphed().run(hp, device)
             if out is not None:
                 return out, p
         return self.forward_eager(p), p
@@ -334,6 +336,10 @@ class PackedEncoder:
         return self._lora_dropout
 
     def forward_eager(self, p) -> torch.Tensor:
+        with on_device(p.input_ids.device):
+            return self._forward_eager(p)
+
+    def _forward_eager(self, p) -> torch.Tensor:
         if not self.spec.half_precision_ok and ops.autocast_dtype(p.input_ids.device.type) == torch.float16:
             raise ValueError(
                 f"{self.spec.family} overflows float16 (stock gives NaN): train with bf16=True or in fp32, not fp16=True"

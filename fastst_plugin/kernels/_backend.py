@@ -12,6 +12,7 @@ per call:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -51,6 +52,18 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return interpreter_on()
+
+
+def on_device(device: torch.device):
+    """Make ``device`` the current CUDA device for the block (a no-op off CUDA).
+
+    Triton launches on the *current* device, not on its arguments' device: a model on ``cuda:1`` in a
+    process whose current device is ``cuda:0`` (every torchrun rank but 0 before the trainer calls
+    ``set_device``, e.g. an evaluator run before training) fails with "Pointer argument cannot be
+    accessed from Triton". Torch's own ops guard themselves; the fast path's entry points use this."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def next_power_of_2(n: int) -> int:
