@@ -712,8 +712,38 @@ class _StructuralAdapterMethod:
         gate = _peft_gate_open() if _gate_blocks() else contextlib.nullcontext()
         with gate:
             result = func(model, *args, **kwargs)
+        if self.name == "add_adapter":
+            _upcast_half_adapters(model)
         _after_adapter_change(model)
         return result
+
+
+def _upcast_half_adapters(model) -> None:
+    """Float32 LoRA weights after ``add_adapter`` on a half-precision backbone, as ``enable_fast(lora=...)``.
+
+    transformers' ``add_adapter`` creates the adapters in the base weights' dtype: on a float16 model
+    (e.g. a checkpoint stored in float16, which transformers 5 loads as float16) the trainable LoRA
+    weights are float16 and the first AdamW step turns every one whose gradient is zero (all ``lora_A``
+    at step one) into NaN: 0 / (0 + eps) with eps = 1e-8 below float16's range. peft's own
+    ``get_peft_model`` and fastst's ``enable_fast(lora=...)`` keep adapters in float32; the stock
+    script run under fastst gets the same."""
+    hf = _hf_model(model)
+    if hf is None:
+        return
+    half = {p.dtype for n, p in hf.named_parameters() if "lora_" in n and p.dtype in (torch.float16, torch.bfloat16)}
+    if not half:
+        return
+    try:
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+    except ImportError:  # pragma: no cover
+        return
+    for name in list(getattr(hf, "peft_config", {}) or {}):
+        cast_adapter_dtype(hf, adapter_name=name, autocast_adapter_dtype=True)
+    kinds = "/".join(sorted(str(d).replace("torch.", "") for d in half))
+    logger.warning(
+        f"add_adapter made {kinds} LoRA weights; fastst keeps them in float32 as peft's get_peft_model and "
+        "enable_fast(lora=...) do (float16 trainable weights turn NaN at the first AdamW step)"
+    )
 
 
 def _after_adapter_change(model) -> None:

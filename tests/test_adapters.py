@@ -524,6 +524,31 @@ def test_stock_add_adapter_on_a_fast_model_rebuilds_the_fast_forward():
     assert torch.allclose(fast, stock, atol=1e-5)
 
 
+def test_add_adapter_on_a_float16_fast_model_keeps_float32_adapters(monkeypatch):
+    """A checkpoint stored in float16 loads as float16 under transformers 5; stock ``add_adapter`` then
+    makes float16 LoRA weights and AdamW's first step turns them NaN (zero lora_A gradients, eps below
+    float16's range). On a fast model the adapters stay float32, as with ``enable_fast(lora=...)``."""
+    from peft import LoraConfig
+
+    from fastst_plugin import adapters
+
+    said = []
+    monkeypatch.setattr(adapters.logger, "warning", lambda msg, *a, **k: said.append(msg))
+    model = _st()
+    model.half()
+    enable_fast(model, kernels="torch")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["query", "value"]))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    assert any("float16 LoRA weights" in m for m in said), said
+    assert get_state(model).encoder is not None  # the fast forward was rebuilt over the cast adapters
+    opt = torch.optim.AdamW(lora, lr=1e-3)
+    for p in lora:  # lora_A's gradient is zero at step one (lora_B = 0): the case that gave NaN
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in lora)
+
+
 def test_user_targets_matching_the_pooler_are_kept_with_a_warning(monkeypatch):
     """An explicit target_modules=["dense", ...] also matches BERT's pooler, which an embedding model
     never runs: fastst keeps the user's config (as stock would) and says how to leave it out; with
