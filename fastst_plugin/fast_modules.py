@@ -27,7 +27,7 @@ import torch
 
 from .heads import first_token_is_position_zero
 from .packing import HOST_PACK_KEY, PACKED_KEY, HostPack, host_pack, pack_features
-from .pooling import SUPPORTED_MODES, packed_pool, pooling_modes
+from .pooling import SUPPORTED_MODES, l2_normalize, packed_pool, pooling_modes
 
 _STOCK_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("fastst_stock_only", default=False)
 
@@ -59,6 +59,22 @@ def _safe_followers():
     """Modules that only read ``sentence_embedding`` (or nothing token-level) after pooling."""
     names = {"Dense", "Normalize", "Dropout", "LayerNorm"}
     return names
+
+
+def _fused_normalize_forward(module):
+    """``Normalize.forward`` with :func:`~fastst_plugin.pooling.l2_normalize` (one autograd node)."""
+    stock = module.forward
+
+    def forward(features: dict[str, Any], **kwargs):
+        name_in = getattr(module, "module_input_name", "sentence_embedding")
+        name_out = getattr(module, "module_output_name", None) or name_in
+        x = features.get(name_in)
+        if kwargs or not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            return stock(features, **kwargs)
+        features[name_out] = l2_normalize(x)
+        return features
+
+    return forward
 
 
 def install_stock_extras(model, transformer, state) -> None:
@@ -226,6 +242,9 @@ def install(model, transformer, spec, state) -> None:
             return features
 
         patches.set(pooling, "forward", pool_forward)
+        for module in followers[1:]:
+            if type(module).__name__ == "Normalize":
+                patches.set(module, "forward", _fused_normalize_forward(module))
 
     _install_inference(model, transformer, state, head=None, followers=followers, packed_pooling=packed_pooling)
     _install_mode_switch(model, state)

@@ -1,5 +1,6 @@
 """Pooling on packed rows: the same modes and prompt handling as stock ``Pooling``, without re-padding
-and without host synchronisation (segment ids and lengths come with the PackedBatch)."""
+and without host synchronisation (segment ids and lengths come with the PackedBatch); and the L2
+normalisation (``Normalize``) that usually follows it, as one autograd node."""
 
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ def packed_pool(hidden: torch.Tensor, p, modes, prompt_length: int | None) -> to
         valid = positions >= prompt_length
         lengths = lengths - prompt_length
     outs = []
-    mean_sum = None
     for mode in modes:
         if mode == "cls":
             first = p.cu_seqlens[:-1].long()
@@ -38,17 +38,15 @@ def packed_pool(hidden: torch.Tensor, p, modes, prompt_length: int | None) -> to
                 first = first + torch.where(full > prompt_length, prompt_length, 0)
             outs.append(hidden.index_select(0, first))
         elif mode == "lasttoken":
-            outs.append(hidden.index_select(0, p.cu_seqlens[1:].long() - 1))
+            last = hidden.index_select(0, p.cu_seqlens[1:].long() - 1)
+            if prompt_length:  # a text that is all prompt pools to zeros in stock (its mask is empty)
+                last = last * (p.lengths > prompt_length)[:, None].to(last.dtype)
+            outs.append(last)
         elif mode in ("mean", "mean_sqrt_len_tokens"):
-            if mean_sum is None:
-                x = hidden.to(acc_dtype)
-                if valid is not None:
-                    x = x * valid[:, None].to(acc_dtype)
-                mean_sum = torch.zeros(n, width, device=hidden.device, dtype=acc_dtype).index_add_(0, seg, x)
-            denom = lengths.clamp(min=1).to(acc_dtype)[:, None]
+            denom = lengths.clamp(min=1).to(acc_dtype)
             if mode == "mean_sqrt_len_tokens":
                 denom = denom.sqrt()
-            outs.append((mean_sum / denom).to(hidden.dtype))
+            outs.append(segment_mean(hidden, seg, denom, valid, n))
         elif mode == "max":
             x = hidden
             if valid is not None:
@@ -64,4 +62,80 @@ def packed_pool(hidden: torch.Tensor, p, modes, prompt_length: int | None) -> to
             outs.append((wsum / wtot.clamp(min=1e-9)[:, None]).to(hidden.dtype))
         else:
             raise ValueError(f"pooling mode {mode!r} has no packed implementation")
-    return torch.cat(outs, dim=-1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def segment_mean(hidden: torch.Tensor, seg: torch.Tensor, denom: torch.Tensor, valid, n: int) -> torch.Tensor:
+    """``out[i] = sum(hidden[t] for t of text i, valid[t]) / denom[i]``: ``[T, H]`` → ``[N, H]``.
+
+    Summed in float32 for half inputs, returned in ``hidden``'s dtype: the same numbers as stock's
+    mean pooling (masked sum / token count), as one autograd node. Why one node: on small models
+    the training step is bound by host time, and the composed version (cast, mask, index_add,
+    divide, cast back) put five nodes into every backward pass (MiniLM, issue #5)."""
+    if not (hidden.requires_grad and torch.is_grad_enabled()):
+        return _segment_mean_forward(hidden, seg, denom, valid, n)
+    return _SegmentMean.apply(hidden, seg, denom, valid, n)
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _segment_mean_forward(hidden, seg, denom, valid, n):
+    acc = _accumulation_dtype(hidden)
+    x = hidden.to(acc)
+    if valid is not None:
+        x = x * valid[:, None].to(acc)
+    sums = torch.zeros(n, hidden.shape[-1], device=hidden.device, dtype=acc).index_add_(0, seg, x)
+    return (sums / denom.to(acc)[:, None]).to(hidden.dtype)
+
+
+class _SegmentMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, seg, denom, valid, n):
+        ctx.save_for_backward(seg, denom, valid)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.has_valid = valid is not None
+        return _segment_mean_forward(hidden, seg, denom, valid, n)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        seg, denom, valid = ctx.saved_tensors
+        acc = torch.float32 if ctx.hidden_dtype in (torch.float16, torch.bfloat16) else ctx.hidden_dtype
+        g = (grad_out.to(acc) / denom.to(acc)[:, None]).index_select(0, seg)
+        if ctx.has_valid:
+            g = g * valid[:, None].to(acc)
+        return g.to(ctx.hidden_dtype), None, None, None, None
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, p=2, dim=-1)`` as one autograd node (stock's is four: norm, clamp, expand,
+    divide), computed in float32 for half inputs. fp32 values are stock's bit for bit; half inputs
+    are divided by the float32 norm before rounding (stock rounds the norm to the input dtype first)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _l2_normalize_forward(x, eps)[0].to(x.dtype)
+    return _L2Normalize.apply(x, eps)
+
+
+def _l2_normalize_forward(x, eps):
+    xf = x.to(_accumulation_dtype(x))
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    denom = norm.clamp_min(eps)
+    return xf / denom, norm, denom
+
+
+class _L2Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps):
+        y, norm, denom = _l2_normalize_forward(x, eps)
+        ctx.save_for_backward(y, norm, denom)
+        ctx.eps, ctx.x_dtype = eps, x.dtype
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, norm, denom = ctx.saved_tensors
+        g = grad_out.to(y.dtype)
+        # d(x/|x|) = (g - y <g, y>) / |x|; where the norm was clamped to eps, x/eps is linear in x.
+        dot = (g * y).sum(dim=-1, keepdim=True) * (norm > ctx.eps).to(y.dtype)
+        return ((g - y * dot) / denom).to(ctx.x_dtype), None
