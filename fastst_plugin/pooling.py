@@ -110,18 +110,18 @@ class _SegmentMean(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``F.normalize(x, p=2, dim=-1)`` as one autograd node (stock's is four: norm, clamp, expand,
-    divide), computed in float32 for half inputs. fp32 values are stock's bit for bit; half inputs
-    are divided by the float32 norm before rounding (stock rounds the norm to the input dtype first)."""
+    divide). The forward runs stock's own ops, so values and dtype are stock's bit for bit, autocast
+    included (where the norm comes out in float32, so does the result); the backward is the
+    analytic one, computed in float32."""
     if not (x.requires_grad and torch.is_grad_enabled()):
-        return _l2_normalize_forward(x, eps)[0].to(x.dtype)
+        return _l2_normalize_forward(x, eps)[0]
     return _L2Normalize.apply(x, eps)
 
 
 def _l2_normalize_forward(x, eps):
-    xf = x.to(_accumulation_dtype(x))
-    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    norm = x.norm(2, -1, keepdim=True)
     denom = norm.clamp_min(eps)
-    return xf / denom, norm, denom
+    return x / denom, norm, denom
 
 
 class _L2Normalize(torch.autograd.Function):
@@ -130,12 +130,13 @@ class _L2Normalize(torch.autograd.Function):
         y, norm, denom = _l2_normalize_forward(x, eps)
         ctx.save_for_backward(y, norm, denom)
         ctx.eps, ctx.x_dtype = eps, x.dtype
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
         y, norm, denom = ctx.saved_tensors
-        g = grad_out.to(y.dtype)
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        g, y = grad_out.to(acc), y.to(acc)
         # d(x/|x|) = (g - y <g, y>) / |x|; where the norm was clamped to eps, x/eps is linear in x.
-        dot = (g * y).sum(dim=-1, keepdim=True) * (norm > ctx.eps).to(y.dtype)
-        return ((g - y * dot) / denom).to(ctx.x_dtype), None
+        dot = (g * y).sum(dim=-1, keepdim=True) * (norm > ctx.eps).to(acc)
+        return ((g - y * dot) / denom.to(acc)).to(ctx.x_dtype), None

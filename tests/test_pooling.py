@@ -80,7 +80,7 @@ def test_segment_mean_is_one_autograd_node_and_matches_the_composed_ops():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_l2_normalize_matches_f_normalize(dtype):
-    """One node; fp32 values bit for bit stock's; gradients equal F.normalize's, zero rows included."""
+    """One node; values bit for bit stock's; gradients equal F.normalize's, zero rows included."""
     from fastst_plugin.pooling import l2_normalize
 
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(4)).to(dtype)
@@ -89,9 +89,8 @@ def test_l2_normalize_matches_f_normalize(dtype):
     b = x.clone().requires_grad_(True)
     fast = l2_normalize(a)
     stock = torch.nn.functional.normalize(b, p=2, dim=-1)
-    assert type(fast.grad_fn).__name__ == "_L2NormalizeBackward" and fast.dtype == dtype
-    if dtype == torch.float32:
-        assert torch.equal(fast, stock)
+    assert type(fast.grad_fn).__name__ == "_L2NormalizeBackward" and fast.dtype == stock.dtype == dtype
+    assert torch.equal(fast, stock)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(fast.float(), stock.float(), **tol)
     w = torch.randn(6, 16, generator=torch.Generator().manual_seed(5)).to(dtype)
@@ -134,3 +133,13 @@ def test_fast_model_uses_the_fused_tail_and_disable_restores_stock(minilm_path):
     assert_grads_close(fast_grads, stock_grads)
     disable_fast(model)
     assert "forward" not in vars(normalize)
+
+
+def test_l2_normalize_under_autocast_keeps_stock_dtype_and_values():
+    from fastst_plugin.pooling import l2_normalize
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(6)).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = l2_normalize(x)
+        stock = torch.nn.functional.normalize(x, p=2, dim=-1)
+    assert fast.dtype == stock.dtype and torch.equal(fast, stock)
