@@ -75,7 +75,9 @@ GRAPH_MAX_TOKENS = 32768
 # nothing is captured. Inference batches over GRAPH_MAX_TOKENS stay eager (no backward to amortise).
 LARGE_GRAPH_MAX_TOKENS = 262144
 MAX_LARGE_GRAPHS = 4  # all buckets share one graph pool; _check_room refuses a capture the card cannot hold
-LARGE_GRAPH_HEADROOM = 2.2
+LARGE_GRAPH_HEADROOM = 2.2  # the first large capture: the pool (~1.2x) plus an eager step beside it (1x)
+LARGE_GRAPH_POOL_GROWTH = LARGE_GRAPH_HEADROOM - 1.0
+LARGE_GRAPH_POOL_REUSE = 0.9  # of the pool's idle bytes, what a later capture is counted to reuse
 LARGE_GRAPH_MARGIN_BYTES = 2 << 30
 # Buckets captured per model; further sizes run eagerly (memory stays bounded when lengths vary).
 # Training (with gradients) and inference (without) count separately: an evaluator's encode calls
@@ -214,19 +216,40 @@ class _NoRoom(RuntimeError):
     """A large bucket's graph would leave too little memory: that bucket runs eagerly."""
 
 
-def _check_room(device, held: int) -> None:
-    """Raise _NoRoom unless the card can hold a large bucket's pool (about ``held`` bytes, what its
+def _check_room(device, held: int, pool=None) -> None:
+    """Raise _NoRoom unless the card can hold a large bucket's graph (about ``held`` bytes, what its
     warm-up forward kept for the backward) and still an eager step of the same size beside it.
+
+    All buckets share one graph pool. After a capture, its activations go back to the pool as idle
+    blocks (the graph's replays write there; only one bucket's graphs run at a time), so a later
+    capture reuses them and grows the pool only by what they lack: the rule counts the pool's idle
+    bytes (``_pool_idle_bytes``) against the growth. On the first capture the pool is empty and
+    this is LARGE_GRAPH_HEADROOM x held (+ margin). Without the reuse term the rule, on an 80 GB card,
+    refuses every capture after the first of a 1024-token EmbeddingGemma step (~30 GB of activations;
+    computed from the rule, not measured on such a card).
 
     The warm-up's blocks sit in the caching allocator's general cache, which a graph's private pool
     cannot use: give them back to the driver first, so the pool (and whoever else shares the card)
     can have them."""
     torch.cuda.empty_cache()
     free, _total = torch.cuda.mem_get_info(device)
-    need = int(LARGE_GRAPH_HEADROOM * held) + LARGE_GRAPH_MARGIN_BYTES
+    idle = _pool_idle_bytes(pool) if pool is not None else 0
+    growth = max(0, int(LARGE_GRAPH_POOL_GROWTH * held) - int(LARGE_GRAPH_POOL_REUSE * idle))
+    need = growth + held + LARGE_GRAPH_MARGIN_BYTES
     if free < need:
         raise _NoRoom(f"{free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB wanted "
-                      f"({LARGE_GRAPH_HEADROOM} x {held / 2**30:.1f} GiB of activations + margin)")
+                      f"({held / 2**30:.1f} GiB of activations for an eager step beside the graphs, "
+                      f"{growth / 2**30:.1f} GiB more graph pool ({idle / 2**30:.1f} GiB of it idle), margin)")
+
+
+def _pool_idle_bytes(pool) -> int:
+    """Bytes the graph pool ``pool`` has reserved that no tensor uses (0 when it cannot be read)."""
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # pragma: no cover - allocator without snapshots: count nothing as reusable
+        return 0
+    return sum(max(0, seg["total_size"] - seg["active_size"]) for seg in segments
+               if tuple(seg.get("segment_pool_id", ())) == tuple(pool))
 
 
 class _StaticBatch:
@@ -515,7 +538,7 @@ class GraphedEncoder:
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             if large:
-                _check_room(device, held)
+                _check_room(device, held, self.pool)
             mode = _capture_mode()
             fwd = torch.cuda.CUDAGraph()
             with torch.set_grad_enabled(grad), _capture_autocast(amp):

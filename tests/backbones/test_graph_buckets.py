@@ -3,6 +3,7 @@ bucket with dummy sequences gives the real sequences exactly the hidden states t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fastst_plugin
@@ -294,3 +295,37 @@ def test_graphs_under_autocast_are_on_unless_turned_off(monkeypatch):
     assert not graphs._autocast_graphs()
     monkeypatch.setenv("FASTST_AUTOCAST_GRAPHS", "1")
     assert graphs._autocast_graphs()
+
+
+def test_room_for_a_large_capture_counts_the_shared_pools_idle_bytes(monkeypatch):
+    """The first large capture needs LARGE_GRAPH_HEADROOM x its activations free (+ margin); a later
+    one into the same pool reuses the pool's idle blocks and needs only the growth beyond them plus
+    room for an eager step. Segments of other pools and blocks in use do not count."""
+    from fastst_plugin import graphs
+
+    gib = 1 << 30
+    held = 30 * gib
+    state = {"free": 45 * gib, "segments": []}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: state["segments"])
+    pool = (0, 7)
+
+    # First capture (empty pool): 2.2 x 30 + 2 = 68 GiB wanted, 45 free -> refused; 70 free -> fine.
+    with pytest.raises(graphs._NoRoom, match="68.0 GiB wanted"):
+        graphs._check_room("cuda", held, pool)
+    state["free"] = 70 * gib
+    graphs._check_room("cuda", held, pool)
+
+    # After it: the pool holds ~36 GiB, 34 of them idle (activations released after the backward
+    # capture); 45 GiB free. Growth 1.2 x 30 - 0.9 x 34 = 5.4 -> 5.4 + 30 + 2 = 37.4 wanted: fine.
+    state["free"] = 45 * gib
+    state["segments"] = [
+        {"segment_pool_id": pool, "total_size": 36 * gib, "active_size": 2 * gib},
+        {"segment_pool_id": (0, 0), "total_size": 20 * gib, "active_size": 0},  # general cache: not ours
+    ]
+    graphs._check_room("cuda", held, pool)
+    # The same pool busy (its blocks in use) gives nothing to reuse: refused as the first capture.
+    state["segments"][0]["active_size"] = 36 * gib
+    with pytest.raises(graphs._NoRoom):
+        graphs._check_room("cuda", held, pool)

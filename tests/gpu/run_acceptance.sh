@@ -25,6 +25,9 @@
 #                                             sparse-encode bench cell, 1024-token Gemma3/Qwen3 kernel profiles
 #   bash tests/gpu/run_acceptance.sh gqa      direct flash kernels vs varlen_attn (values, grads, time); 1024-token
 #                                             Gemma3/Qwen3 cells
+#   bash tests/gpu/run_acceptance.sh eighth   MiniLM's step after the one-node pooling / Normalize (alone, A/B,
+#                                             phases, backward split); the 1024-token Gemma3 cell on an
+#                                             emulated 80 GB card (pool-aware large-graph headroom)
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -107,6 +110,21 @@ seventh)  # combos unchecked since graphs under autocast became the default (Cac
   for m in embeddinggemma-300m qwen3-0.6b; do stage prof-$m
     FASTST_CUDA_GRAPHS=0 OUT=$R timeout 110 python3 tests/gpu/profile_step.py $m --steps 6 --max-seq-length 1024 \
       --extra=--long-docs --tag=-1024-eager > $R/prof-$m.log 2>&1; done
+  ;;
+eighth)  # issue #5: MiniLM's host-bound step after pooling / Normalize became one autograd node each
+         # (alone, beside stock, phases, backward split); issue #6 on an emulated 80 GB card (a ballast
+         # tensor takes the rest of the H200): does the pool-aware headroom rule capture the 1024-token
+         # Gemma3 buckets there?
+  stage minilm-alone; timeout 50 $B train --no-dropout --steps 30 --repeats 3 --warmup 5 --models minilm --contenders fastst \
+    --out $R/minilm-alone > $R/minilm-alone.log 2>&1
+  stage minilm-ab; timeout 80 $B train --no-dropout --steps 30 --repeats 3 --warmup 5 --models minilm --contenders stock,fastst \
+    --out $R/minilm-ab > $R/minilm-ab.log 2>&1
+  stage minilm-phases; OUT=$R timeout 60 python3 tests/gpu/profile_step.py minilm --steps 30 > $R/prof-minilm.log 2>&1
+  stage backward-timing; OUT=$R timeout 60 python3 tests/gpu/backward_timing.py minilm > $R/backward-timing.log 2>&1
+  L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
+  stage long-gemma-80gb; timeout 170 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
+    --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
+  grep -E "runs without CUDA graphs|emulate_card" $R/long-80gb.log >> $R/timeline.txt
   ;;
 gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
       # issue #6's 1024-token cells (graph padding now in short dummy sequences)
