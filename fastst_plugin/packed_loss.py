@@ -144,7 +144,17 @@ def _run_combined(model, features_list):
 
 @contextlib.contextmanager
 def packed_columns(model, features_list: list[dict], loss=None):
-    """Within the block, ``model(features_list[i])`` returns the i-th column of one shared packed forward."""
+    """Within the block, ``model(features_list[i])`` returns the i-th column of one shared packed
+    forward, and the loss's cosine similarity is one autograd node
+    (:func:`fastst_plugin.similarity.fused_similarity`, for every loss call of a fast model)."""
+    from .similarity import fused_similarity
+
+    with fused_similarity(loss), _shared_forward(model, features_list, loss):
+        yield
+
+
+@contextlib.contextmanager
+def _shared_forward(model, features_list: list[dict], loss):
     if not _can_combine(model, features_list, loss):
         yield
         return
