@@ -25,8 +25,8 @@
 #                                             sparse-encode bench cell, 1024-token Gemma3/Qwen3 kernel profiles
 #   bash tests/gpu/run_acceptance.sh gqa      direct flash kernels vs varlen_attn (values, grads, time); 1024-token
 #                                             Gemma3/Qwen3 cells
-#   bash tests/gpu/run_acceptance.sh eighth   MiniLM's step after the one-node pooling / Normalize (alone, A/B,
-#                                             phases, backward split); the 1024-token Gemma3 cell on an
+#   bash tests/gpu/run_acceptance.sh eighth   MiniLM's step after the one-node pooling / Normalize / cos_sim
+#                                             (alone, A/B, phases, backward split); the 1024-token Gemma3 cell on an
 #                                             emulated 80 GB card (pool-aware large-graph headroom)
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
@@ -111,8 +111,8 @@ seventh)  # combos unchecked since graphs under autocast became the default (Cac
     FASTST_CUDA_GRAPHS=0 OUT=$R timeout 110 python3 tests/gpu/profile_step.py $m --steps 6 --max-seq-length 1024 \
       --extra=--long-docs --tag=-1024-eager > $R/prof-$m.log 2>&1; done
   ;;
-eighth)  # issue #5: MiniLM's host-bound step after pooling / Normalize became one autograd node each
-         # (alone, beside stock, phases, backward split); issue #6 on an emulated 80 GB card (a ballast
+eighth)  # issue #5: MiniLM's host-bound step after pooling, Normalize and the loss's cos_sim became one
+         # autograd node each (alone, beside stock, phases, backward split; FASTST_FUSED_SIMILARITY=0 A/B); issue #6 on an emulated 80 GB card (a ballast
          # tensor takes the rest of the H200): does the pool-aware headroom rule capture the 1024-token
          # Gemma3 buckets there?
   stage minilm-alone; timeout 50 $B train --no-dropout --steps 30 --repeats 3 --warmup 5 --models minilm --contenders fastst \
@@ -121,6 +121,8 @@ eighth)  # issue #5: MiniLM's host-bound step after pooling / Normalize became o
     --out $R/minilm-ab > $R/minilm-ab.log 2>&1
   stage minilm-phases; OUT=$R timeout 60 python3 tests/gpu/profile_step.py minilm --steps 30 > $R/prof-minilm.log 2>&1
   stage backward-timing; OUT=$R timeout 60 python3 tests/gpu/backward_timing.py minilm > $R/backward-timing.log 2>&1
+  stage minilm-no-fused-sim; FASTST_FUSED_SIMILARITY=0 timeout 50 $B train --no-dropout --steps 30 --repeats 3 --warmup 5 \
+    --models minilm --contenders fastst --out $R/minilm-no-fused-sim > $R/minilm-no-fused-sim.log 2>&1
   L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
   stage long-gemma-80gb; timeout 170 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
     --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
