@@ -127,16 +127,20 @@ def _l2_normalize_forward(x, eps):
 class _L2Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps):
-        y, norm, denom = _l2_normalize_forward(x, eps)
-        ctx.save_for_backward(y, norm, denom)
+        y, norm, _denom = _l2_normalize_forward(x, eps)
+        ctx.save_for_backward(y, norm)
         ctx.eps, ctx.x_dtype = eps, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, norm, denom = ctx.saved_tensors
+        y, norm = ctx.saved_tensors
         acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        g, y = grad_out.to(acc), y.to(acc)
-        # d(x/|x|) = (g - y <g, y>) / |x|; where the norm was clamped to eps, x/eps is linear in x.
-        dot = (g * y).sum(dim=-1, keepdim=True) * (norm > ctx.eps).to(acc)
-        return ((g - y * dot) / denom.to(acc)).to(ctx.x_dtype), None
+        return l2_normalize_backward(grad_out.to(acc), y.to(acc), norm.to(acc), ctx.eps).to(ctx.x_dtype), None
+
+
+def l2_normalize_backward(grad_y: torch.Tensor, y: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient through ``y = x / max(|x|, eps)`` (rows), given ``y`` and ``|x|`` (``[N, 1]``):
+    ``(g - y <g, y>) / |x|``; where the norm was clamped to ``eps``, ``x / eps`` is linear in ``x``."""
+    dot = (grad_y * y).sum(dim=-1, keepdim=True) * (norm > eps).to(y.dtype)
+    return (grad_y - y * dot) / norm.clamp_min(eps)

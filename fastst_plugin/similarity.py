@@ -16,14 +16,18 @@ loss's config, model card and pickles never see it). ``FASTST_FUSED_SIMILARITY=0
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
 import torch
 
+from .pooling import l2_normalize_backward
+
 _EPS = 1e-12  # F.normalize's default, what Sentence Transformers' normalize_embeddings uses
 
 
+@functools.lru_cache(maxsize=1)
 def _stock_parts():
     """(cos_sim, its tensor conversion, its normalisation) from the installed Sentence Transformers."""
     try:
@@ -80,12 +84,8 @@ class _CosSim(torch.autograd.Function):
             if not want:
                 grads.append(None)
                 continue
-            y = xn.to(acc)
-            d_y = d_xn()
             norm = torch.linalg.vector_norm(x.to(acc), dim=-1, keepdim=True)
-            # d(x/max(|x|, eps)) = (d_y - y <d_y, y>) / |x|; where the norm is clamped, x/eps is linear.
-            dot = (d_y * y).sum(dim=-1, keepdim=True) * (norm > _EPS).to(acc)
-            grads.append(((d_y - y * dot) / norm.clamp_min(_EPS)).to(dtype))
+            grads.append(l2_normalize_backward(d_xn(), xn.to(acc), norm, _EPS).to(dtype))
         return grads[0], grads[1], None, None
 
 
