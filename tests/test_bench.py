@@ -198,3 +198,77 @@ def test_flop_helpers():
     lora = measure.step_flops(workload="train", mode="lora", n_lin=10, lora_rank_sum=1, tokens=2, attn_fwd=1.0)
     enc = measure.step_flops(workload="encode", mode="inference", n_lin=10, lora_rank_sum=0, tokens=2, attn_fwd=1.0)
     assert (full, lora, enc) == (123.0, 95.0, 41.0)
+
+
+def test_contender_with_environment(tmp_path):
+    """``fastst+NAME=value`` A/B-interleaves a switch against the default in one process: the setting
+    holds while that contender builds and steps, and is gone afterwards."""
+    from fastst_plugin.bench.contenders import Run, parse_contender
+
+    assert parse_contender("fastst+FASTST_FUSED_SIMILARITY=0+FASTST_CUDA_GRAPHS=1") == (
+        "fastst", {"FASTST_FUSED_SIMILARITY": "0", "FASTST_CUDA_GRAPHS": "1"})
+    for bad in ("fastest", "fastst+lower=1", "fastst+NOVALUE", "unsloth+A=1"):
+        with pytest.raises(ValueError):
+            parse_contender(bad)
+    with pytest.raises(SystemExit, match="expected NAME=value"):
+        main(["train", *SMOKE, "--models", "minilm", "--contenders", "fastst+x", "--out", str(tmp_path / "bad")])
+
+    run = Run("fastst+FASTST_BENCH_PROBE=on")
+    assert run.kind == "fastst" and "FASTST_BENCH_PROBE" not in os.environ
+    with run.env_ctx():
+        assert os.environ["FASTST_BENCH_PROBE"] == "on"
+    assert "FASTST_BENCH_PROBE" not in os.environ
+
+    out = str(tmp_path / "env")
+    names = ["fastst", "fastst+FASTST_FUSED_SIMILARITY=0"]
+    rc = main(["train", *SMOKE, "--models", "minilm", "--contenders", ",".join(names), "--out", out])
+    assert rc == 0 and "FASTST_FUSED_SIMILARITY" not in os.environ
+    by = _check_outputs(out, names)
+    assert all(by[n]["status"] == "ok" for n in names), [by[n].get("error") for n in names]
+    assert by[names[1]]["loss_first"] == pytest.approx(by["fastst"]["loss_first"], rel=1e-5)
+
+
+def test_oom_beside_others_is_timed_alone(tmp_path, monkeypatch):
+    """A contender that runs out of memory while timed beside another (on an 80 GB card the fast
+    model's graph pool can take what stock's cache held) is rebuilt and timed alone, not lost."""
+    from fastst_plugin.bench import runner
+
+    first = {}
+    real_step = runner.train_step
+
+    def step(run, *args, **kwargs):
+        if run.kind == "stock" and first.setdefault("run", run) is run and run.step_index >= 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 192.00 MiB (simulated)")
+        return real_step(run, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_step", step)
+    out = str(tmp_path / "oom")
+    assert main(["train", *SMOKE, "--models", "minilm", "--contenders", "stock,fastst", "--out", out]) == 0
+    by = _check_outputs(out, ["stock", "fastst"])
+    assert by["stock"]["status"] == "ok" and by["fastst"]["status"] == "ok"
+    assert any("timed alone" in n for n in by["stock"]["notes"])
+    assert by["fastst"]["speedup_vs_stock"] is not None
+
+
+def test_freed_contenders_release_their_models(tmp_path, monkeypatch):
+    """After a contender is freed nothing of the harness keeps its model alive: on a GPU a fast
+    model's CUDA-graph pool (27 GB for EmbeddingGemma at 1,024 tokens) would otherwise stay taken
+    and the next contender of the cell run out of memory."""
+    import gc
+    import weakref
+
+    from fastst_plugin.bench.contenders import Run
+
+    alive_after_free = {}
+    real_free = Run.free
+
+    def free(self):
+        ref = weakref.ref(self.built.model) if self.built is not None else None
+        real_free(self)  # the Run itself stays alive (the cell's record is written later)
+        if ref is not None:
+            gc.collect()
+            alive_after_free[self.name] = ref() is not None
+
+    monkeypatch.setattr(Run, "free", free)
+    assert main(["train", *SMOKE, "--models", "minilm", "--contenders", "stock,fastst", "--out", str(tmp_path)]) == 0
+    assert alive_after_free == {"stock": False, "fastst": False}

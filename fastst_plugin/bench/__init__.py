@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--models", default=None, help=f"comma list of {DEFAULT_MODELS} or local model folders (default: all six)")
         g.add_argument("--max-seq-length", default=None, help="comma list, e.g. 128,256,512,1024,2048 (default 256 train, 512 encode)")
         g.add_argument("--batch-size", default=None, help="comma list; pairs per step (train, default 64) or encode batch (default 128)")
-        g.add_argument("--contenders", default="stock,flat,unsloth,fastst", help="comma list of stock,flat,unsloth,fastst")
+        g.add_argument("--contenders", default="stock,flat,unsloth,fastst", help="comma list of stock,flat,unsloth,fastst; a contender may carry environment settings, 'fastst+FASTST_FUSED_SIMILARITY=0', set only while it builds and steps (A/B of a switch in one process)")
         g.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "amp-bf16"], help="weights dtype (default bf16; fp32 for --smoke on the CPU); amp-bf16 = fp32 weights + bf16 autocast")
         g.add_argument("--data", default=None, help="JSONL (.jsonl[.gz]) of {query, document}, or a datasets folder (default: bundled Debian pairs)")
         g.add_argument("--long-docs", action="store_true", help="documents of concatenated descriptions, U[L/2, L] tokens each (for 1024-2048)")
@@ -152,11 +152,13 @@ def _finalize(opts) -> None:
         opts.corpus_size = opts.corpus_size or 2048
     opts.fastst_options = dict(opts.fastst_opt)
     contenders = [c.strip() for c in opts.contenders.split(",") if c.strip()]
-    from .contenders import CONTENDERS
+    from .contenders import parse_contender
 
-    bad = [c for c in contenders if c not in CONTENDERS]
-    if bad:
-        raise SystemExit(f"fastst bench: unknown contender(s) {bad}; choose from {', '.join(CONTENDERS)}")
+    for c in contenders:
+        try:
+            parse_contender(c)
+        except ValueError as exc:
+            raise SystemExit(f"fastst bench: {exc}") from None
     opts.contender_list = contenders
 
 

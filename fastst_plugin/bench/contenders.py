@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +32,27 @@ from . import flat as flat_mod
 from .models import BuiltModel, apply_lora_stock, build_model, cleanup_folder, layer_linear_names, lora_config, quantize_4bit_stock
 
 CONTENDERS = ("stock", "flat", "unsloth", "fastst")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def parse_contender(spec: str) -> tuple[str, dict[str, str]]:
+    """``"fastst+FASTST_FUSED_SIMILARITY=0"`` -> ``("fastst", {"FASTST_FUSED_SIMILARITY": "0"})``.
+
+    A contender may carry environment settings after ``+`` (several: ``+A=1+B=2``); they are set
+    only while that contender builds and steps, so one process can A/B-interleave a switch of the
+    package against its default on the same card. Raises ``ValueError`` on anything malformed."""
+    kind, *pairs = spec.split("+")
+    if kind not in CONTENDERS:
+        raise ValueError(f"unknown contender {kind!r}; choose from {', '.join(CONTENDERS)}")
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"contender {spec!r}: expected NAME=value after '+', got {pair!r}")
+        env[key] = value
+    if env and kind == "unsloth":
+        raise ValueError("environment settings are not passed to the unsloth subprocess")
+    return kind, env
 SPLADE_CALIBRATION_TEXTS = 8  # corpus texts the SPLADE bias shift is computed on (models.shift_splade_bias)
 
 
@@ -100,6 +123,26 @@ class Run:
     extra: dict = field(default_factory=dict)
     extra_ctx_kwargs: dict = field(default_factory=dict)
 
+    @property
+    def kind(self) -> str:
+        """stock | flat | unsloth | fastst: the contender without its environment settings."""
+        return parse_contender(self.name)[0]
+
+    @contextlib.contextmanager
+    def env_ctx(self):
+        """This contender's environment settings (``fastst+NAME=value``) set, the previous values back after."""
+        env = parse_contender(self.name)[1]
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def fail(self, exc: BaseException | str, status: str = "failed") -> "Run":
         self.status = status
         if isinstance(exc, BaseException):
@@ -116,6 +159,7 @@ class Run:
         self.optimizer = None
         self.batches = []
         self.loss_ctx = None
+        self.extra_ctx_kwargs = {}  # holds the loss, and through it the model
         self._last_loss = None
         cleanup_folder(built)
         del built
@@ -192,7 +236,8 @@ def build_contender(name: str, cell: CellSpec) -> Run:
     """Build, LoRA, patch, tokenize. Never raises: a failure is recorded on the run."""
     run = Run(name)
     try:
-        _build(run, cell)
+        with run.env_ctx():
+            _build(run, cell)
     except BaseException as exc:  # noqa: BLE001 - a contender failing must not end the benchmark
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -212,10 +257,10 @@ def _build(run: Run, cell: CellSpec) -> None:
 
     dtype = torch_dtype(cell.dtype_name)
     attn = "sdpa"
-    if run.name == "flat" and cell.sparse:
+    if run.kind == "flat" and cell.sparse:
         run.fail("not wired for SparseEncoder cells (sparse-encode compares stock and fastst)", status="unavailable")
         return
-    if run.name == "flat":
+    if run.kind == "flat":
         attn, why = flat_mod.availability(cell.device, cell.cross_encoder)
         if attn is None:
             run.fail(f"{why}", status="unavailable")
@@ -223,13 +268,13 @@ def _build(run: Run, cell: CellSpec) -> None:
         run.extra["flat_backend"] = (
             "flash-attn varlen" if attn == "flash_attention_2" else ("torch varlen_attn" if cell.device.startswith("cuda") else "CPU reference varlen (per-sequence SDPA)")
         )
-    if run.name == "fastst":
+    if run.kind == "fastst":
         try:
             from fastst_plugin import enable_fast  # noqa: F401  (imports the whole fast path)
         except Exception as exc:
             run.fail(f"fastst_plugin.enable_fast does not import ({type(exc).__name__}: {exc})", status="unavailable")
             return
-    if cell.mode == "qlora" and cell.workload == "train" and run.name in ("stock", "flat"):
+    if cell.mode == "qlora" and cell.workload == "train" and run.kind in ("stock", "flat"):
         try:
             import bitsandbytes  # noqa: F401
         except Exception as exc:
@@ -253,18 +298,18 @@ def _build(run: Run, cell: CellSpec) -> None:
     run.built = built
     run.notes += built.notes
     model, hf = built.model, built.hf_model
-    if run.name == "flat":
+    if run.kind == "flat":
         flat_mod.enable_flattening(built.transformer)
         flat_mod.NOTES.clear()  # what the kernel could not reproduce, collected for this cell's record
     run.autocast = autocast_ctx(cell)
-    if run.name == "fastst":
+    if run.kind == "fastst":
         from fastst_plugin.training import backward_on_calling_thread
 
         run.backward_ctx = backward_on_calling_thread
 
     if cell.workload == "encode":
         model.eval()
-        if run.name == "fastst":
+        if run.kind == "fastst":
             from fastst_plugin import enable_fast
 
             enable_fast(model, **cell.fastst_options)
@@ -276,7 +321,7 @@ def _build(run: Run, cell: CellSpec) -> None:
     cfg = lora_config(hf, cell.lora_r) if cell.mode in ("lora", "qlora") else None
     run.extra["lora_targets"] = len(names) if cfg is not None else 0
     torch.manual_seed(cell.seed + 1)  # the same adapter init for every contender
-    if run.name == "fastst":
+    if run.kind == "fastst":
         from fastst_plugin import enable_fast  # noqa: F811
 
         opts = dict(cell.fastst_options)
@@ -306,7 +351,7 @@ def _build(run: Run, cell: CellSpec) -> None:
         run.loss_fn.to(cell.device)
 
     run.loss_ctx = None
-    if run.name == "fastst" and not cell.cross_encoder:
+    if run.kind == "fastst" and not cell.cross_encoder:
         pc = packed_columns_ctx()
         if pc is not None:
             run.loss_ctx = pc
@@ -350,6 +395,11 @@ def _no_stamp(phase: str) -> None:
 def train_step(run: Run, stamp=_no_stamp):
     """One optimizer step; returns the (detached) loss tensor. No host synchronization.
     ``stamp(phase)`` is called as each phase ends (``tests/gpu/profile_step.py`` times them)."""
+    with run.env_ctx():
+        return _train_step(run, stamp)
+
+
+def _train_step(run: Run, stamp):
     feats, labels = run.batches[run.step_index % len(run.batches)]
     run.step_index += 1
     if isinstance(feats[0], Mapping):
@@ -377,7 +427,7 @@ def encode_pass(run: Run, cell: CellSpec, texts=None, convert_to_tensor: bool = 
     model = run.built.model
     texts = cell.corpus if texts is None else texts
     kw = dict(batch_size=cell.batch_size, show_progress_bar=False)
-    with run.autocast():
+    with run.env_ctx(), run.autocast():
         if cell.api == "predict":
             return model.predict(texts, convert_to_tensor=convert_to_tensor, **kw)
         if cell.sparse:

@@ -292,7 +292,7 @@ def finish_run(run: Run, cell: CellSpec, profile: bool) -> None:
         if counts["calls"]:
             run.processed_tokens = int(counts["processed"] * scale)
             run.real_tokens_seen = int(counts["real"] * scale)
-        elif run.name == "fastst" and run.loss_ctx is not None:
+        elif run.kind == "fastst" and run.loss_ctx is not None:
             run.extra["packed_no_pad"] = True  # one packed forward (packed_columns) for all columns
         if busy is not None:
             run.busy_ms = busy * scale
@@ -301,10 +301,14 @@ def finish_run(run: Run, cell: CellSpec, profile: bool) -> None:
         if isinstance(exc, KeyboardInterrupt):
             raise
         run.notes.append(f"instrumented step failed: {type(exc).__name__}: {exc}")
-    if run.name == "flat":
+    if run.kind == "flat":
         from .flat import NOTES
 
         run.notes += sorted(NOTES)
+
+
+def _is_oom_run(run: Run) -> bool:
+    return run.status == "failed" and ("out of memory" in (run.error or "").lower() or bool(run.extra.get("oom")))
 
 
 def _fits_another(device: str, peaks_gb: list[float]) -> bool:
@@ -328,14 +332,38 @@ def run_cell(cell: CellSpec, info: CellInfo, opts, contenders: list[str]) -> lis
     peaks: list[float] = []
     group = 0
 
+    def build(name: str) -> Run:
+        log(f"  build {name} ({cell.model_key}, L={cell.max_seq_length}, B={cell.batch_size})")
+        mem = measure.MemoryWatch(cell.device)
+        mem.start()
+        t0 = time.perf_counter()
+        run = build_contender(name, cell)
+        if run.status == "ok":
+            warmup_run(run, cell, opts.warmup, mem)
+        run.extra["build_warmup_s"] = round(time.perf_counter() - t0, 2)
+        return run
+
     def flush():
         nonlocal alive, group
         if alive:
             time_group(alive, cell, opts.steps, opts.repeats, group)
+            # A contender that ran out of memory while timed beside others (a neighbour's CUDA-graph
+            # pool can take what its own cache held at build time) is rebuilt and timed alone.
+            again = [r for r in alive if _is_oom_run(r)] if len(alive) > 1 else []
             for r in alive:
                 finish_run(r, cell, opts.profile)
                 r.free()
             group += 1
+            for old in again:
+                log(f"  {old.name}: out of memory while timed beside others; rebuilding it and timing it alone")
+                run = build(old.name)
+                if run.status == "ok":
+                    time_group([run], cell, opts.steps, opts.repeats, group)
+                    finish_run(run, cell, opts.profile)
+                    run.notes.append("timed alone: out of memory while timed beside the other contenders")
+                    run.free()
+                    group += 1
+                runs[runs.index(old)] = run
         alive = []
 
     for name in contenders:
@@ -346,16 +374,8 @@ def run_cell(cell: CellSpec, info: CellInfo, opts, contenders: list[str]) -> lis
                 log(f"  not enough free memory to keep another {cell.model_key} alive: timing the group so far first")
             flush()
         for attempt in range(2):
-            log(f"  build {name} ({cell.model_key}, L={cell.max_seq_length}, B={cell.batch_size})")
-            mem = measure.MemoryWatch(cell.device)
-            mem.start()
-            t0 = time.perf_counter()
-            run = build_contender(name, cell)
-            if run.status == "ok":
-                warmup_run(run, cell, opts.warmup, mem)
-            run.extra["build_warmup_s"] = round(time.perf_counter() - t0, 2)
-            oom = run.status == "failed" and ("out of memory" in (run.error or "").lower() or run.extra.get("oom"))
-            if oom and alive and attempt == 0:
+            run = build(name)
+            if _is_oom_run(run) and alive and attempt == 0:
                 log(f"  {name}: out of memory beside {len(alive)} live contender(s); timing those first and retrying alone")
                 flush()
                 continue
@@ -374,7 +394,7 @@ def run_cell(cell: CellSpec, info: CellInfo, opts, contenders: list[str]) -> lis
         runs.append(run_unsloth_subprocess(cell, opts))
         runs.sort(key=lambda r: contenders.index(r.name))  # records in the order asked for
     # contenders' outputs agree? (encode: cosine of embeddings / score difference vs stock)
-    ref = next((r for r in runs if r.name == "stock" and r.sample_output is not None), None)
+    ref = next((r for r in runs if r.kind == "stock" and r.sample_output is not None), None)
     if ref is not None:
         for r in runs:
             if r.sample_output is not None and r is not ref:
