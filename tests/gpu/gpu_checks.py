@@ -2,6 +2,8 @@
 
     python tests/gpu/gpu_checks.py parity [models...]      bf16 embeddings + gradients vs stock
     python tests/gpu/gpu_checks.py amp [models...]         fp32 weights under bf16 autocast, graphs and eager vs stock
+    python tests/gpu/gpu_checks.py loss [models...]        bf16 and fp32 MNRL loss + gradients through packed_columns (one
+                                                           packed forward, one-node pooling / Normalize / cos_sim) vs stock
 
 Speed and memory come from `fastst bench`, not from here.
 """
@@ -106,6 +108,67 @@ def parity(key, dtype=torch.bfloat16):
     _empty()
 
 
+def parity_loss(key, dtype=torch.bfloat16):
+    """The training loss as the trainer computes it: MultipleNegativesRankingLoss on 32 pairs, stock
+    vs fastst inside ``packed_columns`` (both columns in one packed forward; pooling, ``Normalize`` and
+    the loss's cos_sim one autograd node each), full fine-tuning gradients, an fp32 stock copy as the
+    yardstick. Variants: graph capture, replay, eager, and the loss's own cos_sim (FASTST_FUSED_SIMILARITY=0)."""
+    import copy
+
+    import fastst_plugin
+    from fastst_plugin.bench.models import MODELS, build_model
+    from fastst_plugin.packed_loss import packed_columns
+    from sentence_transformers import losses
+
+    built = build_model(MODELS[key], max_seq_length=256, device=DEVICE, dtype=dtype, dropout=False)
+    m = built.model
+    m.train()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    qs, ds = _texts(32)
+
+    def run(model, fast=False, zero=True):
+        if zero:
+            model.zero_grad(set_to_none=True)
+        loss_fn = losses.MultipleNegativesRankingLoss(model)
+        feats = []
+        for texts in (qs, ds):
+            f = model.preprocess(texts)
+            feats.append({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in f.items()})
+        if fast:
+            with packed_columns(model, feats, loss=loss_fn):
+                loss = loss_fn(feats, None)
+        else:
+            loss = loss_fn(feats, None)
+        loss.backward()
+        return loss.detach().float().reshape(1), _grads(model)
+
+    ref, gref = run(m)
+    m32 = copy.deepcopy(m).float()
+    ref32, gref32 = run(m32)
+    del m32
+    stock_vs_fp32 = _rel_errs(gref, gref32)
+    fastst_plugin.enable_fast(m)
+    for variant in ("graphs", "graphs-replay", "no-fused-similarity", "eager"):
+        if variant == "eager":
+            fastst_plugin.enable_fast(m, cuda_graphs=False)
+        if variant == "no-fused-similarity":
+            os.environ["FASTST_FUSED_SIMILARITY"] = "0"
+        out, g = run(m, fast=True)
+        os.environ.pop("FASTST_FUSED_SIMILARITY", None)
+        named = _rel_errs(g, gref)
+        fast_vs_fp32 = _rel_errs(g, gref32)
+        enc = fastst_plugin.api.get_state(m).encoder
+        _emit({"check": "loss", "variant": variant, "model": key, "dtype": str(dtype),
+               "loss_stock": ref.item(), "loss_fast": out.item(), "loss_fp32": ref32.item(),
+               "loss_abs_diff": abs(out.item() - ref.item()), "stock_loss_abs_diff_vs_fp32": abs(ref.item() - ref32.item()),
+               "grad_rel_err_max": named[-1][0], "grad_rel_err_median": named[len(named) // 2][0], "worst": named[-2:],
+               "grad_rel_err_vs_fp32_max": fast_vs_fp32[-1][0], "stock_bf16_grad_rel_err_vs_fp32_max": stock_vs_fp32[-1][0],
+               "graphs_captured": len(enc.graphed.graphs) if enc.graphed else 0})
+    del m, built
+    _empty()
+
+
 def parity_amp(key):
     """fp32 weights under bf16 autocast (a trainer with ``bf16=True``): fastst with CUDA graphs (captured
     under autocast, weight cache off) and eagerly, against stock under the same autocast."""
@@ -175,6 +238,9 @@ if __name__ == "__main__":
                 parity(key)
             elif what == "amp":
                 parity_amp(key)
+            elif what == "loss":  # bf16 (the yardstick says how far bf16 moves things) and fp32 (tight)
+                parity_loss(key)
+                parity_loss(key, torch.float32)
         except Exception as e:  # keep going: one model's failure must not hide the others
             import traceback
 
