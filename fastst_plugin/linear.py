@@ -94,6 +94,19 @@ def apply_linear(x: torch.Tensor, mod: nn.Module, training: bool) -> torch.Tenso
     return mod(x)
 
 
+def saves_its_input(mod: nn.Module) -> bool:
+    """Whether ``apply_linear(x, mod)`` saves ``x`` itself for its backward (a plain linear, or the
+    fused LoRA node over a plain or quantized base): an input the caller may recompute instead
+    (``checkpointing.recomputed_when_saved``)."""
+    if type(mod) is nn.Linear:
+        return True
+    lora = _plain_lora(mod)
+    if lora is None:
+        return False
+    weight, weight_fn = _base_weight(lora[0])
+    return weight is not None or weight_fn is not None
+
+
 class FusedProjection:
     """Several linear layers reading the same input (Q/K/V, gate/up), run as one matmul.
 

@@ -147,6 +147,104 @@ def test_checkpoint_modes_with_triton_kernels(tmp_path):
         _assert_same(results[mode], results["off"], rtol=1e-5)
 
 
+@contextlib.contextmanager
+def _count_recomputes(monkeypatch):
+    """Counts the MLP activations recomputed in backward (checkpointing.recomputed_when_saved)."""
+    calls = []
+    real = checkpointing.recomputed_when_saved
+
+    def counting(t, recompute):
+        return real(t, lambda: calls.append(1) or recompute())
+
+    monkeypatch.setattr(checkpointing, "recomputed_when_saved", counting)
+    yield calls
+    monkeypatch.setattr(checkpointing, "recomputed_when_saved", real)
+
+
+def _on_off(model, monkeypatch, autocast=False):
+    results, counts = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTST_RECOMPUTE_ACTIVATION", flag)
+        with _count_recomputes(monkeypatch) as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results[flag] = _embed_and_grads(model)
+        counts[flag] = len(calls)
+    return results, counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lora", [4, None])
+def test_mlp_activation_recomputed_instead_of_stored(tmp_path, monkeypatch, family, lora):
+    """With checkpointing off the down projection's input (the activation's output) is recomputed
+    from the activation's own saved input in backward, once per layer; embeddings and gradients are
+    bitwise those of storing it (FASTST_RECOMPUTE_ACTIVATION=0)."""
+    model = _build(tmp_path, family, lora=lora)
+    n_layers = len(get_state(model).encoder.layers)
+    results, counts = _on_off(model, monkeypatch)
+    assert counts == {"1": n_layers, "0": 0}
+    _assert_same(results["1"], results["0"], rtol=0.0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gemma3"])
+def test_mlp_activation_recompute_with_triton_kernels(tmp_path, monkeypatch, family):
+    from fastst_plugin.kernels import _backend
+
+    if not _backend.interpreter_on():
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1")
+    model = _build(tmp_path, family, lora=4, kernels="triton")
+    results, counts = _on_off(model, monkeypatch)
+    assert counts == {"1": len(get_state(model).encoder.layers), "0": 0}
+    _assert_same(results["1"], results["0"], rtol=0.0)
+
+
+def test_mlp_activation_recompute_under_autocast(tmp_path, monkeypatch):
+    """fp32 weights under bf16 autocast (the trainer's bf16=True): the cast the projection would make
+    is made before it, so the saved tensor is the recomputed one; same values as storing it."""
+    model = _build(tmp_path, "bert", lora=4)
+    results, counts = _on_off(model, monkeypatch, autocast=True)
+    assert counts == {"1": len(get_state(model).encoder.layers), "0": 0}
+    _assert_same(results["1"], results["0"], rtol=0.0)
+
+
+def test_mlp_activation_not_recomputed_under_other_hooks(tmp_path, monkeypatch):
+    """Checkpointing modes and a caller's own saved-tensor hooks keep their say over what is stored."""
+    model = _build(tmp_path, "gemma3", lora=4)
+    ref = _embed_and_grads(model)
+    for mode in MODES:
+        fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+        with _count_recomputes(monkeypatch) as calls:
+            got = _embed_and_grads(model)
+        assert calls == [], mode
+        _assert_same(got, ref, rtol=1e-5)
+    fastst_plugin.enable_fast(model, gradient_checkpointing="off")
+    seen = []
+    with _count_recomputes(monkeypatch) as calls, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: seen.append(1) or t, lambda t: t):
+        got = _embed_and_grads(model)
+    assert calls == [] and seen
+    _assert_same(got, ref, rtol=1e-5)
+
+
+def test_recomputed_when_saved_keeps_the_inplace_check():
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(3, 3, requires_grad=True)
+    calls = []
+    y = torch.tanh(x)
+    with checkpointing.recomputed_when_saved(y, lambda: calls.append(1) or torch.tanh(x)):
+        out = y @ w  # mm saves y (recomputed) and w (kept, version-checked)
+    out.sum().backward()
+    assert calls == [1]
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (torch.tanh(xr) @ wr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(w.grad, wr.grad)
+    v = torch.randn(3, 3)
+    with checkpointing.recomputed_when_saved(y.detach(), lambda: None):
+        out = x @ v
+    v.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -474,3 +572,24 @@ def test_qlora_fast_path_matches_peft(tmp_path, family, quantization):
         if mode != "off":
             _assert_same(results[mode], results["off"])
 
+
+
+def test_recomputed_when_saved_under_create_graph():
+    """A backward with create_graph=True (second derivatives) sees the recomputed tensor connected
+    to its input, as it would the stored one."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def f(recompute):
+        y = torch.tanh(x)
+        ctx = (checkpointing.recomputed_when_saved(y, lambda: calls.append(1) or torch.tanh(x)) if recompute
+               else contextlib.nullcontext())
+        with ctx:
+            out = ((y @ w) ** 2).sum()
+        gx, gw = torch.autograd.grad(out, (x, w), create_graph=True)
+        return torch.autograd.grad((gx.sum() + gw.sum()), (x, w))
+
+    got, ref = f(True), f(False)
+    assert calls
+    torch.testing.assert_close(got, ref)

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import checkpointing, ops
 from ..kernels._backend import on_device
 from ..attention import varlen_attention
-from ..linear import FusedProjection, apply_linear
+from ..linear import FusedProjection, apply_linear, saves_its_input
 from ..log import warn_once
 from . import base_model_of
 from .spec import POST_NORM, PRE_NORM, SANDWICH_NORM, BackboneSpec, layer_types
@@ -42,6 +42,14 @@ def resolve(root: nn.Module, path: str | None):
 
 
 _GLU = {"geglu": "gelu", "geglu_tanh": "gelu_tanh", "swiglu": "silu"}
+
+
+def _as_in_forward(fn, device_type: str, dtype):
+    """``fn()`` under the autocast state the forward ran it in (``dtype``: autocast's, or None when
+    off), cast to that dtype as the forward did: the recomputed activation is the stored one bitwise."""
+    with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type), enabled=dtype is not None):
+        out = fn()
+    return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
 
 class _Layer:
@@ -97,6 +105,7 @@ class PackedEncoder:
         self.embedding_dropout = float(spec.embedding_dropout(config) or 0.0) if spec.embedding_dropout else 0.0
         self.graphed = None  # GraphedEncoder, created on the first CUDA call
         self._lora_dropout, self._lora_dropout_seen = False, -1
+        self._recompute_activation = False  # set by _forward_eager while its unchecked layers run
         self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
     def used_modules(self) -> list[nn.Module]:
@@ -194,17 +203,28 @@ class PackedEncoder:
     def mlp(self, layer: _Layer, x, training):
         act = layer.ls.activation
         if act in ("gelu", "gelu_tanh"):
-            mod = layer.mlp_in
+            mod, approx = layer.mlp_in, "tanh" if act == "gelu_tanh" else "none"
             if type(mod) is nn.Linear:
                 # bias folded into the activation kernel
-                y = torch.nn.functional.linear(x, mod.weight)
-                y = ops.bias_gelu(y, mod.bias, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
+                z, bias = torch.nn.functional.linear(x, mod.weight), mod.bias
             else:
-                y = ops.bias_gelu(apply_linear(x, mod, training), None, "tanh" if act == "gelu_tanh" else "none", kernels=self.kernels)
+                z, bias = apply_linear(x, mod, training), None
+            activation = partial(ops.bias_gelu, z, bias, approx, kernels=self.kernels)
         else:
-            y = layer.mlp_in(x, training) if isinstance(layer.mlp_in, FusedProjection) else apply_linear(x, layer.mlp_in, training)
-            y = ops.gated_activation(y, _GLU[act], kernels=self.kernels)
-        return apply_linear(y, layer.mlp_out, training)
+            z = layer.mlp_in(x, training) if isinstance(layer.mlp_in, FusedProjection) else apply_linear(x, layer.mlp_in, training)
+            activation = partial(ops.gated_activation, z, _GLU[act], kernels=self.kernels)
+        y = activation()
+        if not (self._recompute_activation and saves_its_input(layer.mlp_out)):
+            return apply_linear(y, layer.mlp_out, training)
+        # The down projection saves its input; the activation kernel saved ``z`` already, so the
+        # output is recomputed from it in the backward instead of being stored from forward to
+        # backward (checkpointing.recomputed_when_saved). Under autocast the cast the projection
+        # would make is made here, so that the saved tensor is the one recomputed.
+        dt = ops.autocast_dtype(y.device.type)
+        if dt is not None and y.dtype != dt:
+            y = y.to(dt)
+        with checkpointing.recomputed_when_saved(y, partial(_as_in_forward, activation, y.device.type, dt)):
+            return apply_linear(y, layer.mlp_out, training)
 
     def layer_forward(self, layer: _Layer, h, p, tables):
         training = self.base.training
@@ -348,8 +368,13 @@ class PackedEncoder:
         tables = self.rope_tables(p, h)
         mode = self.checkpoint_mode()
         if mode == "off":
-            for layer in self.layers:
-                h = self.layer_forward(layer, h, p, tables)
+            # Only here: under a checkpointing mode the checkpoint's own saved-tensor hooks decide.
+            self._recompute_activation = checkpointing.recompute_activation_enabled()
+            try:
+                for layer in self.layers:
+                    h = self.layer_forward(layer, h, p, tables)
+            finally:
+                self._recompute_activation = False
         elif mode == "offload":
             offloader = checkpointing.ActivationOffloader(h.device)
             for layer in self.layers:
