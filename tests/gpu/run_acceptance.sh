@@ -28,6 +28,15 @@
 #   bash tests/gpu/run_acceptance.sh eighth   MiniLM's step after the one-node pooling / Normalize / cos_sim
 #                                             (alone, A/B, phases, backward split); the 1024-token Gemma3 cell on an
 #                                             emulated 80 GB card (pool-aware large-graph headroom)
+#   bash tests/gpu/run_acceptance.sh ninth    bf16/fp32 MNRL loss parity through packed_columns (one-node pooling,
+#                                             Normalize, cos_sim) on all five families; the fused cos_sim A/B-
+#                                             interleaved in one process (fastst vs fastst+FASTST_FUSED_SIMILARITY=0);
+#                                             the 1024-token Gemma3 cell on an emulated 80 GB card, stock timed too
+#   bash tests/gpu/run_acceptance.sh card80   issue #6's 1024-token cells on an emulated 80 GB card (stock timed alone
+#                                             when it runs out of memory beside fastst); MiniLM's busy share, 3 runs
+#   bash tests/gpu/run_acceptance.sh recompute  the MLP activation recomputed in backward instead of stored (default)
+#                                             vs stored (FASTST_RECOMPUTE_ACTIVATION=0), A/B in one process: loss
+#                                             parity, peaks and speed at 128/256 (LoRA, full), Gemma3 at 1024
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -127,6 +136,58 @@ eighth)  # issue #5: MiniLM's host-bound step after pooling, Normalize and the l
   stage long-gemma-80gb; timeout 170 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
     --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
   grep -E "runs without CUDA graphs|emulate_card" $R/long-80gb.log >> $R/timeline.txt
+  ;;
+ninth)  # issue #5: is the fused cos_sim a gain? (eighth: fastst alone 5.2 ms / 63 % busy, then with it off
+        # 3.6 ms / 92 % busy, two processes minutes apart: not an A/B); the new Functions on the GPU; issue #6
+        # on an 80 GB card with stock timed (eighth: stock ran out of memory beside fastst's graph pool)
+  stage loss-parity; OUT=$R timeout 200 python3 tests/gpu/gpu_checks.py loss minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
+  AB="fastst,fastst+FASTST_FUSED_SIMILARITY=0"
+  stage sim-ab-minilm; timeout 90 $B train --no-dropout --steps 30 --repeats 6 --warmup 5 --models minilm --contenders $AB \
+    --out $R/sim-ab > $R/sim-ab.log 2>&1
+  stage sim-ab-bert; timeout 90 $B train --no-dropout --steps 20 --repeats 4 --warmup 5 --no-profile --models bert-base,modernbert-base \
+    --contenders $AB --out $R/sim-ab --append >> $R/sim-ab.log 2>&1
+  L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
+  stage long-gemma-80gb; timeout 150 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
+    --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
+  grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory" $R/long-80gb.log >> $R/timeline.txt
+  grep -h "rep [0-9]" $R/sim-ab.log >> $R/timeline.txt
+  grep '^{' $R/loss.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  ;;
+card80)  # issue #6's 1024-token cells as an H100 would hold them (times stay H200 times), stock in the same
+         # process; then issue #5's MiniLM busy share in three separate processes (the host's speed drifts)
+  L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
+  stage long-gemma-80gb; timeout 170 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
+    --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
+  stage long-qwen-80gb; timeout 200 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models qwen3-0.6b \
+    --contenders stock,fastst --out $R/long-80gb --append >> $R/long-80gb.log 2>&1
+  for i in 1 2 3; do stage minilm-alone-$i; timeout 50 $B train --no-dropout --steps 30 --repeats 3 --warmup 5 --models minilm \
+    --contenders fastst --out $R/minilm-alone --append > $R/minilm-alone-$i.log 2>&1; done
+  stage minilm-phases; OUT=$R timeout 60 python3 tests/gpu/profile_step.py minilm --steps 30 > $R/prof-minilm.log 2>&1
+  grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
+  grep -h "rep [0-9]" $R/minilm-alone-*.log >> $R/timeline.txt; grep -h "host ms per step" $R/prof-minilm.log >> $R/timeline.txt
+  ;;
+recompute)  # issue #5 / #6 memory: the activation output no longer stored from forward to backward
+  stage loss-parity; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
+  AB="stock,fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0"
+  stage lora-256; timeout 120 $B train $T --models minilm,bert-base,modernbert-base --contenders $AB --out $R/recompute > $R/recompute.log 2>&1
+  stage lora-128; timeout 90 $B train $T --no-profile --max-seq-length 128 --models minilm,bert-base,modernbert-base --contenders $AB \
+    --out $R/recompute --append >> $R/recompute.log 2>&1
+  stage full-256; timeout 80 $B train $T --no-profile --mode full --models minilm,bert-base --contenders $AB --out $R/recompute \
+    --append >> $R/recompute.log 2>&1
+  stage decoders-256; timeout 80 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b \
+    --contenders fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0 --out $R/recompute --append >> $R/recompute.log 2>&1
+  stage gemma-1024; timeout 90 $B train --no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024 --no-profile \
+    --models embeddinggemma-300m --contenders fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0 --out $R/recompute --append >> $R/recompute.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/recompute.log >> $R/timeline.txt
+  grep '^{' $R/loss.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
   ;;
 gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
       # issue #6's 1024-token cells (graph padding now in short dummy sequences)
