@@ -50,6 +50,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 B="python3 -m fastst_plugin.bench"
 T="--no-dropout --steps 6 --repeats 3 --warmup 3"
 stage() { echo "== $1 $(date +%T)" | tee -a $R/timeline.txt; }
+loss_summary() {  # one line per record of gpu_checks.py loss
+  grep '^{' $R/loss.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))"
+}
 case "${1:-encode}" in
 diag)  # bf16 parity of the decoder families with the fp32 yardstick; eager bert-base profile by stack
   stage parity;  OUT=$R timeout 170 python3 tests/gpu/gpu_checks.py parity embeddinggemma-300m qwen3-0.6b > $R/parity.log 2>&1
@@ -152,10 +158,7 @@ ninth)  # issue #5: is the fused cos_sim a gain? (eighth: fastst alone 5.2 ms / 
     --contenders stock,fastst --out $R/long-80gb > $R/long-80gb.log 2>&1
   grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory" $R/long-80gb.log >> $R/timeline.txt
   grep -h "rep [0-9]" $R/sim-ab.log >> $R/timeline.txt
-  grep '^{' $R/loss.log | python3 -c "import json,sys
-for l in sys.stdin:
-    r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
-      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  loss_summary >> $R/timeline.txt
   ;;
 card80)  # issue #6's 1024-token cells as an H100 would hold them (times stay H200 times), stock in the same
          # process; then issue #5's MiniLM busy share in three separate processes (the host's speed drifts)
@@ -184,10 +187,7 @@ recompute)  # issue #5 / #6 memory: the activation output no longer stored from 
   stage gemma-1024; timeout 90 $B train --no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024 --no-profile \
     --models embeddinggemma-300m --contenders fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0 --out $R/recompute --append >> $R/recompute.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/recompute.log >> $R/timeline.txt
-  grep '^{' $R/loss.log | python3 -c "import json,sys
-for l in sys.stdin:
-    r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
-      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  loss_summary >> $R/timeline.txt
   ;;
 gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
       # issue #6's 1024-token cells (graph padding now in short dummy sequences)
