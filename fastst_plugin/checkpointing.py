@@ -90,10 +90,15 @@ def recomputed_when_saved(t: torch.Tensor, recompute):
     values: the same deterministic kernel on the same input) and frees the tensor from forward to
     backward. Only used where nothing else hooks saved tensors (checkpointing off, no caller's
     hooks): inner hooks would shadow a checkpoint's or offloader's own. Other saved tensors pass
-    through with torch's in-place check (hooks bypass the built-in one)."""
+    through as themselves (create_graph keeps working) with torch's in-place check (hooks bypass
+    the built-in one). Keep the block narrow, to ops that save their inputs (linear projections): a
+    hook handing back an op's own *output* makes a reference cycle that only a backward breaks (a
+    forward without backward would leak it)."""
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         yield
         return
+    # Matched by memory and geometry: while ``t`` is alive, a tensor with its data pointer, shape,
+    # strides and dtype holds its values (an empty one matches only empty ones: nothing to differ).
     ident = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
     def pack(x):
