@@ -53,6 +53,8 @@ def parse_contender(spec: str) -> tuple[str, dict[str, str]]:
     if env and kind == "unsloth":
         raise ValueError("environment settings are not passed to the unsloth subprocess")
     return kind, env
+
+
 SPLADE_CALIBRATION_TEXTS = 8  # corpus texts the SPLADE bias shift is computed on (models.shift_splade_bias)
 
 
