@@ -8,7 +8,7 @@ when the model is in training mode and gradients are enabled):
     down projection's input), recomputed in backward from the activation's own saved input by one
     elementwise kernel (``recomputed_when_saved``; ``FASTST_RECOMPUTE_ACTIVATION=0`` stores it). Memory
     grows with tokens x layers (EmbeddingGemma at 64 pairs of ~1k-token documents: ~28 KB per token
-    per layer before that recompute). H200, 64 pairs, LoRA r=32: peaks -7 % (MiniLM) to -18 %
+    per layer before that recompute). H200, 64 pairs, LoRA r=32: peaks -5 % (MiniLM) to -18 %
     (bert-base) for +0-3.5 % step time.
 ``"layer"`` (``True``)
     Non-reentrant ``torch.utils.checkpoint`` around each layer: only the layer's input (one
