@@ -9,7 +9,9 @@ when the model is in training mode and gradients are enabled):
     elementwise kernel (``recomputed_when_saved``; ``FASTST_RECOMPUTE_ACTIVATION=0`` stores it). Memory
     grows with tokens x layers (EmbeddingGemma at 64 pairs of ~1k-token documents: ~28 KB per token
     per layer before that recompute). H200, 64 pairs, LoRA r=32: peaks -5 % (MiniLM) to -18 %
-    (bert-base) for +0-3.5 % step time.
+    (bert-base) for +0-3.5 % step time. ``FASTST_RECOMPUTE_NORM=1`` (opt-in, not yet timed on a
+    GPU) does the same for the norm outputs the Q/K/V and MLP-in projections save, from the norms'
+    own saved input (2 x hidden values per token per layer).
 ``"layer"`` (``True``)
     Non-reentrant ``torch.utils.checkpoint`` around each layer: only the layer's input (one
     ``[T, hidden]`` tensor in the model's dtype) is stored; the layer is recomputed in backward.
@@ -76,6 +78,12 @@ _RECOMPUTED = object()
 def recompute_activation_enabled() -> bool:
     """``FASTST_RECOMPUTE_ACTIVATION=0`` stores the MLP activation's output as stock does."""
     return os.environ.get("FASTST_RECOMPUTE_ACTIVATION", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def recompute_norm_enabled() -> bool:
+    """``FASTST_RECOMPUTE_NORM=1``: the norm outputs the next projection saves are recomputed too
+    (opt-in until timed on a GPU: ~2 x hidden values per token per layer, one norm kernel each)."""
+    return os.environ.get("FASTST_RECOMPUTE_NORM", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @contextlib.contextmanager

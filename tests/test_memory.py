@@ -162,6 +162,7 @@ def _count_recomputes(monkeypatch):
 
 
 def _on_off(model, monkeypatch, autocast=False):
+    monkeypatch.setenv("FASTST_RECOMPUTE_NORM", "0")  # count the activations' recomputes alone
     results, counts = {}, {}
     for flag in ("1", "0"):
         monkeypatch.setenv("FASTST_RECOMPUTE_ACTIVATION", flag)
@@ -222,6 +223,33 @@ def test_mlp_activation_not_recomputed_under_other_hooks(tmp_path, monkeypatch):
         got = _embed_and_grads(model)
     assert calls == [] and seen
     _assert_same(got, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kernels,autocast,lora", [("torch", False, 4), ("torch", False, None), ("torch", True, 4),
+                                                   ("triton", False, 4)])
+def test_norm_outputs_recomputed_on_request(tmp_path, monkeypatch, family, kernels, autocast, lora):
+    """FASTST_RECOMPUTE_NORM=1: the norm outputs the Q/K/V and MLP-in projections save are recomputed
+    from the norms' own saved input (the pre-norm sum) instead; bitwise the same results."""
+    from fastst_plugin.kernels import _backend
+
+    if kernels == "triton" and (not _backend.interpreter_on() or family not in ("bert", "gemma3")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 (two families suffice)")
+    model = _build(tmp_path, family, lora=lora, kernels=kernels)
+    n_layers = len(get_state(model).encoder.layers)
+    monkeypatch.setenv("FASTST_RECOMPUTE_ACTIVATION", "1")
+    results, counts = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTST_RECOMPUTE_NORM", flag)
+        with _count_recomputes(monkeypatch) as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results[flag] = _embed_and_grads(model)
+        counts[flag] = len(calls)
+    # every layer: its activation; with the switch, the two norm outputs feeding Q/K/V and the MLP
+    # (BERT's and ModernBERT's first Q/K/V read the embeddings' norm, which runs before the layers:
+    # ModernBERT's first layer has no attention norm; not recomputed)
+    norms = 2 * n_layers - (1 if family in ("bert", "modernbert") else 0)
+    assert counts == {"1": n_layers + norms, "0": n_layers}
+    _assert_same(results["1"], results["0"], rtol=0.0)
 
 
 def test_recomputed_when_saved_keeps_the_inplace_check():

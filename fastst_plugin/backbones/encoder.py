@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from functools import partial
 
 import torch
@@ -50,6 +51,18 @@ def _as_in_forward(fn, device_type: str, dtype):
     with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type), enabled=dtype is not None):
         out = fn()
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
+
+
+def _cast(fn, dtype):
+    return fn().to(dtype)
+
+
+def _apply_projection(proj, x, training):
+    return proj(x, training) if isinstance(proj, FusedProjection) else apply_linear(x, proj, training)
+
+
+def _projection_modules(proj) -> list:
+    return list(proj.modules) if isinstance(proj, FusedProjection) else [proj]
 
 
 class _Layer:
@@ -106,6 +119,9 @@ class PackedEncoder:
         self.graphed = None  # GraphedEncoder, created on the first CUDA call
         self._lora_dropout, self._lora_dropout_seen = False, -1
         self._recompute_activation = False  # set by _forward_eager while its unchecked layers run
+        # id(norm output) -> (weakref to it, how to recompute it); a dict only while unchecked layers
+        # run with FASTST_RECOMPUTE_NORM=1 (see _norm / _project)
+        self._recomputable: dict | None = None
         self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
     def used_modules(self) -> list[nn.Module]:
@@ -134,9 +150,32 @@ class PackedEncoder:
 
     # -- pieces -----------------------------------------------------------------------------
     def _norm(self, x, mod, residual=None, return_residual=False):
-        return ops.apply_norm(
-            x, mod, self.spec.layer.norm, self.spec.layer.norm_offset, residual, return_residual, self.kernels
-        )
+        kind, offset = self.spec.layer.norm, self.spec.layer.norm_offset
+        register = self._recomputable is not None and mod is not None and not isinstance(mod, nn.Identity)
+        # To recompute the output, the pre-norm sum: the norm kernel materialises (and saves) it anyway.
+        want_sum = return_residual or (register and residual is not None)
+        out = ops.apply_norm(x, mod, kind, offset, residual, want_sum, self.kernels)
+        if not register:
+            return out
+        y, h = out if want_sum else (out, x)
+        # A plain norm of the (rounded) sum is the fused residual + norm's output bit for bit.
+        redo = partial(_as_in_forward, partial(ops.apply_norm, h, mod, kind, offset, None, False, self.kernels),
+                       y.device.type, ops.autocast_dtype(y.device.type))
+        self._recomputable[id(y)] = (weakref.ref(y), redo)
+        return (y, h) if return_residual else y
+
+    def _project(self, x, project, modules):
+        """``project(x)`` for a projection that saves ``x``; when ``x`` is a registered norm output
+        (FASTST_RECOMPUTE_NORM=1) it is recomputed in backward instead of stored."""
+        entry = self._recomputable.get(id(x)) if self._recomputable is not None else None
+        if entry is None or entry[0]() is not x or not all(saves_its_input(m) for m in modules):
+            return project(x)
+        redo = entry[1]
+        dt = ops.autocast_dtype(x.device.type)
+        if dt is not None and x.dtype != dt:  # the cast the projection would make, made here (see mlp)
+            x, redo = x.to(dt), partial(_cast, redo, dt)
+        with checkpointing.recomputed_when_saved(x, redo):
+            return project(x)
 
     def embed(self, p) -> torch.Tensor:
         training = self.base.training
@@ -174,7 +213,7 @@ class PackedEncoder:
     def attention(self, layer: _Layer, x, p, tables, training):
         t = x.shape[0]
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = layer.qkv(x, training) if isinstance(layer.qkv, FusedProjection) else apply_linear(x, layer.qkv, training)
+        qkv = self._project(x, partial(_apply_projection, layer.qkv, training=training), _projection_modules(layer.qkv))
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
         if layer.ls.rope:
@@ -206,12 +245,12 @@ class PackedEncoder:
             mod, approx = layer.mlp_in, "tanh" if act == "gelu_tanh" else "none"
             if type(mod) is nn.Linear:
                 # bias folded into the activation kernel
-                z, bias = torch.nn.functional.linear(x, mod.weight), mod.bias
+                z, bias = self._project(x, partial(torch.nn.functional.linear, weight=mod.weight), [mod]), mod.bias
             else:
-                z, bias = apply_linear(x, mod, training), None
+                z, bias = self._project(x, partial(apply_linear, mod=mod, training=training), [mod]), None
             activation = partial(ops.bias_gelu, z, bias, approx, kernels=self.kernels)
         else:
-            z = layer.mlp_in(x, training) if isinstance(layer.mlp_in, FusedProjection) else apply_linear(x, layer.mlp_in, training)
+            z = self._project(x, partial(_apply_projection, layer.mlp_in, training=training), _projection_modules(layer.mlp_in))
             activation = partial(ops.gated_activation, z, _GLU[act], kernels=self.kernels)
         y = activation()
         if not (self._recompute_activation and saves_its_input(layer.mlp_out)):
@@ -370,11 +409,12 @@ class PackedEncoder:
         if mode == "off":
             # Only here: under a checkpointing mode the checkpoint's own saved-tensor hooks decide.
             self._recompute_activation = checkpointing.recompute_activation_enabled()
+            self._recomputable = {} if checkpointing.recompute_norm_enabled() else None
             try:
                 for layer in self.layers:
                     h = self.layer_forward(layer, h, p, tables)
             finally:
-                self._recompute_activation = False
+                self._recompute_activation, self._recomputable = False, None
         elif mode == "offload":
             offloader = checkpointing.ActivationOffloader(h.device)
             for layer in self.layers:
