@@ -161,11 +161,14 @@ def _count_recomputes(monkeypatch):
     monkeypatch.setattr(checkpointing, "recomputed_when_saved", real)
 
 
-def _on_off(model, monkeypatch, autocast=False):
-    monkeypatch.setenv("FASTST_RECOMPUTE_NORM", "0")  # count the activations' recomputes alone
+def _on_off(model, monkeypatch, autocast=False, switch="FASTST_RECOMPUTE_ACTIVATION", others=None):
+    """Embeddings, gradients and the number of recomputes with ``switch`` on ("1") and off ("0");
+    ``others``: the other recompute switches, held fixed (default: the norm recompute off)."""
+    for name, value in (others or {"FASTST_RECOMPUTE_NORM": "0"}).items():
+        monkeypatch.setenv(name, value)
     results, counts = {}, {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("FASTST_RECOMPUTE_ACTIVATION", flag)
+        monkeypatch.setenv(switch, flag)
         with _count_recomputes(monkeypatch) as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             results[flag] = _embed_and_grads(model)
         counts[flag] = len(calls)
@@ -237,13 +240,8 @@ def test_norm_outputs_recomputed_on_request(tmp_path, monkeypatch, family, kerne
         pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 (two families suffice)")
     model = _build(tmp_path, family, lora=lora, kernels=kernels)
     n_layers = len(get_state(model).encoder.layers)
-    monkeypatch.setenv("FASTST_RECOMPUTE_ACTIVATION", "1")
-    results, counts = {}, {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FASTST_RECOMPUTE_NORM", flag)
-        with _count_recomputes(monkeypatch) as calls, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            results[flag] = _embed_and_grads(model)
-        counts[flag] = len(calls)
+    results, counts = _on_off(model, monkeypatch, autocast, switch="FASTST_RECOMPUTE_NORM",
+                              others={"FASTST_RECOMPUTE_ACTIVATION": "1"})
     # every layer: its activation; with the switch, the two norm outputs feeding Q/K/V and the MLP
     # (BERT's and ModernBERT's first Q/K/V read the embeddings' norm, which runs before the layers:
     # ModernBERT's first layer has no attention norm; not recomputed)
