@@ -29,6 +29,14 @@ carry a host pack (they come from a fast model's ``preprocess``):
   (``GraphedEncoder.prepare``): the replay runs inside ``backward()``, where nothing may be captured,
   and replays those graphs instead of launching every kernel again (eagerly, a bert-base mini-batch
   is host-bound at ~50 us per kernel);
+* the loss stage (step 2: scores, softmax, backward to the embeddings) of
+  ``CachedMultipleNegativesRankingLoss`` (and its symmetric variant) and ``CachedGISTEmbedLoss``
+  over a fast model runs in row chunks of up to
+  ``LOSS_CHUNK_ELEMENTS`` scores instead of ``mini_batch_size`` rows. Stock chunks it by the
+  embedding mini-batch size, which bounds nothing that matters here (the score rows of 64 anchors
+  against 2,048 candidates are 0.5 MB) and costs ~40 small kernels plus one autograd backward per
+  chunk on the host while the GPU waits: 16 chunks per step at 1,024 pairs. The loss is the same sum
+  of per-row terms; only the floating-point grouping of the chunks changes;
 * when the replay runs eagerly (no CUDA graphs: CPU, option off, autocast with FASTST_AUTOCAST_GRAPHS=0, a failed capture), the
   first mini-batch of a step is embedded with gradients in the first pass and its graph kept: the replay reaches it first and only runs its backward (one forward fewer per
   step). Its activations then live through the rest of the first pass, where the other mini-batches
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import sys
 from collections.abc import Mapping
 
@@ -190,6 +199,49 @@ def _wrap_create_minibatch(orig):
 
 # The widest padded width among the columns of the cached loss call in progress (see forward_cached).
 _STEP_WIDTH: contextvars.ContextVar[int | None] = contextvars.ContextVar("fastst_cached_step_width", default=None)
+
+# Scores (rows x candidates) per chunk of a cached loss's loss stage on the fast path: 8M fp32 scores
+# are 32 MB per intermediate (scores, scaled scores, their gradients: a few copies alive at once),
+# computed between the two embedding passes, when no mini-batch's activations are alive.
+LOSS_CHUNK_ELEMENTS = 1 << 23
+
+
+def _loss_chunk_rows(loss, reps) -> int | None:
+    """Rows per chunk of the loss stage for ``reps`` (a list of columns, each a list of mini-batch
+    embeddings): as many as keep a chunk's scores within ``LOSS_CHUNK_ELEMENTS``, never fewer than
+    the loss's own ``mini_batch_size``; None when the loss has no integer ``mini_batch_size``."""
+    rows = getattr(loss, "mini_batch_size", None)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
+        return None
+    try:
+        candidates = sum(int(t.shape[0]) for column in reps for t in column)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if getattr(loss, "gather_across_devices", False) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        candidates *= torch.distributed.get_world_size()
+    return max(rows, LOSS_CHUNK_ELEMENTS // max(candidates, 1))
+
+
+def _loss_chunking_on() -> bool:
+    """``FASTST_CACHED_LOSS_CHUNKS=stock`` keeps stock's chunks (rows = ``mini_batch_size``)."""
+    return os.environ.get("FASTST_CACHED_LOSS_CHUNKS", "").strip().lower() != "stock"
+
+
+def _wrap_calculate_loss(orig):
+    def calculate_loss(self, reps, *args, **kwargs):
+        fast = _loss_chunking_on() and _model_state(self) is not None
+        rows = _loss_chunk_rows(self, reps) if fast else None
+        if rows is None or rows == self.mini_batch_size:
+            return orig(self, reps, *args, **kwargs)
+        own = self.mini_batch_size
+        self.mini_batch_size = rows  # read by the chunk loop only; the embedding ranges are already cut
+        try:
+            return orig(self, reps, *args, **kwargs)
+        finally:
+            self.mini_batch_size = own
+
+    calculate_loss._fastst_wrapped = orig
+    return calculate_loss
 
 
 def _wrap_minibatch_ranges(orig):
@@ -368,6 +420,15 @@ def install(patches) -> None:
         for name, module in list(sys.modules.items()):
             if module is not None and name.startswith("sentence_transformers") and module.__dict__.get(attr) is orig:
                 patches.set(module, attr, wrapped)
+    # The loss stage's chunking (see LOSS_CHUNK_ELEMENTS): the losses whose calculate_loss loops over
+    # ``mini_batch_size`` rows of the score matrix.
+    for module_name, class_name in (
+        ("sentence_transformers.sentence_transformer.losses.cached_multiple_negatives_ranking", "CachedMultipleNegativesRankingLoss"),
+        ("sentence_transformers.sentence_transformer.losses.cached_gist_embed", "CachedGISTEmbedLoss"),
+    ):
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and "calculate_loss" in cls.__dict__:
+            patches.set(cls, "calculate_loss", _wrap_calculate_loss(cls.__dict__["calculate_loss"]))
     mixin = getattr(gradcache, "CachedLossMixin", None)
     if mixin is not None and "embed_minibatch" in mixin.__dict__:
         patches.set(mixin, "embed_minibatch", _wrap_embed_minibatch(mixin.__dict__["embed_minibatch"]))

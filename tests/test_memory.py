@@ -530,6 +530,37 @@ def test_cached_loss_skips_checkpointing_in_the_replay(tmp_path):
         torch.testing.assert_close(grads[name], g)
 
 
+@pytest.mark.parametrize("loss_name", ["CachedMultipleNegativesRankingLoss", "CachedGISTEmbedLoss"])
+def test_cached_loss_stage_runs_in_few_chunks(tmp_path, monkeypatch, loss_name):
+    # The loss stage runs as one chunk (the score matrix is tiny) instead of one per mini_batch_size
+    # rows; same loss, same gradients as stock's chunks (FASTST_CACHED_LOSS_CHUNKS=stock).
+    from sentence_transformers.sentence_transformer import losses
+
+    model = _build(tmp_path, "bert", lora=4)
+    cls = getattr(losses, loss_name)
+    make = (lambda: cls(model, mini_batch_size=2)) if loss_name.startswith("CachedMultiple") else (
+        lambda: cls(model, guide=model, mini_batch_size=2))
+    results = {}
+    for mode in ("stock", "fastst"):
+        monkeypatch.setenv("FASTST_CACHED_LOSS_CHUNKS", mode)
+        loss_fn = make()
+        chunks = []
+        if loss_name == "CachedGISTEmbedLoss":
+            original = loss_fn.sim_matrix
+            loss_fn.sim_matrix = lambda a, b, original=original: chunks.append(a.shape[0]) or original(a, b)
+        else:
+            original = loss_fn.loss.similarity_fct
+            loss_fn.loss.similarity_fct = lambda a, b, original=original: chunks.append(a.shape[0]) or original(a, b)
+        results[mode] = (_mnrl_grads(model, loss_fn, cached=True), chunks)
+    (ref_loss, ref), stock_chunks = results["stock"]
+    (loss, grads), chunks = results["fastst"]
+    assert max(stock_chunks) == 2 and len(chunks) < len(stock_chunks) and max(chunks) == len(QUERIES)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert set(grads) == set(ref)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
+
+
 def test_cached_patches_leave_stock_features_alone_and_revert(tmp_path):
     from sentence_transformers.base.losses import gradcache
 

@@ -42,6 +42,9 @@
 #                                             128-token peak goes (0.64 of stock, target 0.625)
 #   bash tests/gpu/run_acceptance.sh norm     the opt-in norm recompute (FASTST_RECOMPUTE_NORM=1): GPU loss
 #                                             parity, peaks and speed A/B at 128/256 on all five families
+#   bash tests/gpu/run_acceptance.sh cachedphases  CachedMNRL at 1,024 pairs by phase (pass 1, loss stage, replay)
+#                                             beside plain MNRL; the loss stage's chunks A/B; a kernel profile
+# Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
 # Needs .gpu/ carried (.gpu/site: bitsandbytes, datasets; .gpu/minilm: the real all-MiniLM-L6-v2).
@@ -61,7 +64,8 @@ for l in sys.stdin:
     r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
       'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))"
 }
-case "${1:-encode}" in
+for STAGE in "${@:-encode}"; do  # several stages in one call: their files side by side
+case "$STAGE" in
 diag)  # bf16 parity of the decoder families with the fp32 yardstick; eager bert-base profile by stack
   stage parity;  OUT=$R timeout 170 python3 tests/gpu/gpu_checks.py parity embeddinggemma-300m qwen3-0.6b > $R/parity.log 2>&1
   stage profile; FASTST_CUDA_GRAPHS=0 OUT=$R timeout 70 python3 tests/gpu/profile_step.py bert-base --stacks --steps 10 --tag=-eager > $R/prof.log 2>&1
@@ -194,6 +198,13 @@ recompute)  # issue #5 / #6 memory: the activation output no longer stored from 
   grep -h "rep [0-9]\|out of memory" $R/recompute.log >> $R/timeline.txt
   loss_summary >> $R/timeline.txt
   ;;
+cachedphases)  # issue #8: where CachedMNRL's step goes (pass 1, loss stage, replay) next to plain MNRL's, the
+              # loss stage in few chunks (default) vs stock's chunks; the step's kernels
+  stage cached-phases; OUT=$R timeout 240 python3 tests/gpu/cached_phases.py > $R/cached-phases.log 2>&1
+  grep '^{' $R/cached-phases.log >> $R/timeline.txt
+  stage cached-profile; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1
+  ;;
 tenth)  # the recompute (ninth session) on the paths it was not timed on, and MiniLM's 128-token peak
   AB="stock,fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0"
   stage amp; timeout 110 $B train $T --no-profile --dtype amp-bf16 --models minilm,bert-base --contenders $AB \
@@ -274,6 +285,7 @@ infer)  # issue #7: outputs vs stock, the encode cells (stock, fastst; steady st
   stage profile; PROFILE_STOCK=0 OUT=$R timeout 70 python3 tests/gpu/profile_encode.py --models minilm,bert-base > $R/profile-encode.log 2>&1
   ;;
 esac
+done
 stage done
 for d in $R/*/; do [ -f $d/table.md ] && { echo "## $(basename $d)"; cat $d/table.md; }; done > $OUT/summary.txt
 { cat $R/timeline.txt; tail -n 25 $R/parity.log 2>/dev/null; tail -n 30 $R/encode_checks.log 2>/dev/null;
