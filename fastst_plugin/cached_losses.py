@@ -82,6 +82,14 @@ def fast_host_pack(features) -> HostPack | None:
     return None
 
 
+def token_budget(hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None, width: int | None = None) -> int:
+    """Real tokens per mini-batch: ``mini_batch_num_tokens`` when set, else ``mini_batch_size`` x the
+    padded width (``width``, by default the features' own)."""
+    if mini_batch_num_tokens is not None:
+        return max(int(mini_batch_num_tokens), 1)
+    return max(int(mini_batch_size) * max(int(width or hp.orig_shape[1]), 1), 1)
+
+
 def token_budget_ranges(
     hp: HostPack, mini_batch_size: int, mini_batch_num_tokens: int | None = None, width: int | None = None
 ) -> list[tuple[int, int]]:
@@ -94,14 +102,10 @@ def token_budget_ranges(
     new CUDA-graph bucket (a capture, or an eager run once the bucket slots are used). Balanced cuts
     land in one or two buckets. Falls back to the greedy cut when a balanced one would exceed the
     budget (very long texts)."""
-    n, own_width = hp.orig_shape
+    n = hp.orig_shape[0]
     if n == 0:
         return []
-    if mini_batch_num_tokens is not None:
-        budget = int(mini_batch_num_tokens)
-    else:
-        budget = int(mini_batch_size) * max(int(width or own_width), 1)
-    budget = max(budget, 1)
+    budget = token_budget(hp, mini_batch_size, mini_batch_num_tokens, width)
     cumulative = hp.cu_seqlens[1:].to(torch.int64)
     greedy = []
     begin = 0
@@ -283,6 +287,68 @@ def _graphs_off(state):
         state.options.cuda_graphs = True
 
 
+def first_pass_budget_factor(encoder) -> int:
+    """How many mini-batches' tokens the first (no-gradient) pass embeds per forward: half the
+    encoder's layer count. A with-gradient mini-batch holds every layer's saved activations until its
+    backward; a no-gradient forward holds one layer's working set at a time (about 1.5 layers' worth
+    of saved activations: Q/K/V, the MLP's intermediate), so a forward over layers/2 mini-batches
+    peaks below one replayed mini-batch."""
+    return max(1, len(getattr(encoder, "layers", ())) // 2)
+
+
+def _first_pass_chunks_on() -> bool:
+    """``FASTST_CACHED_FIRST_PASS=mini-batch`` embeds the first pass mini-batch by mini-batch, as stock."""
+    return os.environ.get("FASTST_CACHED_FIRST_PASS", "").strip().lower() != "mini-batch"
+
+
+def _draws_random_numbers(loss, state) -> bool:
+    """Whether embedding with ``loss.model`` draws random numbers (dropout in the backbone, its
+    adapters, or a module after it). Then every mini-batch of the first pass must be run on its own:
+    the replay restores its RNG state to redraw the same masks."""
+    if state.encoder.draws_random_numbers():
+        return True
+    model = getattr(loss.model, "_orig_mod", loss.model)
+    if not model.training:
+        return False
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for top in list(model.children())[1:] for m in top.modules())
+
+
+def _first_pass_from_chunk(loss, orig, feature, begin: int, end: int, args, kwargs):
+    """The first-pass embeddings of rows ``begin:end`` (one mini-batch), computed with the mini-batches
+    after it in one no-gradient forward of up to ``first_pass_budget_factor`` token budgets, when the
+    model draws no random numbers (nothing for the replay to reproduce but the function itself).
+    Fewer, larger forwards: at 1,024 pairs a bert-base first pass is two forwards instead of seven.
+    The replay still embeds each mini-batch on its own; its embeddings equal these up to the
+    rounding of differently sized matmuls. None when there is nothing to merge."""
+    hp = fast_host_pack(feature)
+    cache = hp.__dict__.setdefault("_fastst_first_pass", {})
+    if (begin, end) not in cache:
+        state = _model_state(loss)
+        if state is None or state.encoder is None or not _first_pass_chunks_on() or _draws_random_numbers(loss, state):
+            return None
+        factor = first_pass_budget_factor(state.encoder)
+        if factor <= 1:
+            return None
+        from sentence_transformers.base.losses import gradcache
+
+        ranges = gradcache._minibatch_ranges(feature, loss.mini_batch_size, loss.mini_batch_num_tokens)
+        if (begin, end) not in ranges:
+            return None
+        width = max(hp.orig_shape[1], _STEP_WIDTH.get() or 0)
+        budget = factor * token_budget(hp, loss.mini_batch_size, loss.mini_batch_num_tokens, width)
+        cu = hp.cu_seqlens
+        i = j = ranges.index((begin, end))
+        while j + 1 < len(ranges) and int(cu[ranges[j + 1][1]]) - int(cu[begin]) <= budget:
+            j += 1
+        if j == i:
+            return None
+        chunk_end = ranges[j][1]
+        reps, *_ = orig(loss, feature, begin, chunk_end, False, False, None, *args, **kwargs)
+        for b, e in ranges[i : j + 1]:
+            cache[(b, e)] = reps[b - begin : e - begin]
+    return cache.pop((begin, end))
+
+
 def _wrap_embed_minibatch(orig):
     def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None, *args, **kwargs):
         def call(with_grad=with_grad):
@@ -312,7 +378,13 @@ def _wrap_embed_minibatch(orig):
         else:
             if copy_random_state and not with_grad:
                 _prepare_replay_graph(self, sentence_feature, begin, end)
-            out = call()
+            reps = None if with_grad else _first_pass_from_chunk(self, orig, sentence_feature, begin, end, args, kwargs)
+            if reps is None:
+                out = call()
+            else:
+                from sentence_transformers.base.losses.gradcache import RandContext
+
+                out = (reps, RandContext(sentence_feature["input_ids"]) if copy_random_state else None)
         state = out[-1] if isinstance(out, tuple) and out else None
         if copy_random_state and state is not None and hasattr(state, "__dict__"):
             state.__dict__["_fastst_autocast"] = _autocast_state(sentence_feature["input_ids"].device.type)

