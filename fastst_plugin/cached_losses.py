@@ -430,6 +430,12 @@ def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> None:
         encoder.graphed.prepare(sub, device)
 
 
+def _keep_first_with_graphs() -> bool:
+    """``FASTST_CACHED_KEEP_FIRST=1``: keep the first mini-batch's (eager) graph from the first pass
+    with CUDA graphs too: its eager backward replaces a graphed forward and backward in the replay."""
+    return os.environ.get("FASTST_CACHED_KEEP_FIRST", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def _wrap_forward_cached(orig):
     def forward_cached(self, *args, **kwargs):
         # Keeping a mini-batch's graph from the first pass is for a plain backward() only: under
@@ -437,7 +443,8 @@ def _wrap_forward_cached(orig):
         # replay of every mini-batch is cheap and the kept eager graph would only add memory.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.__dict__["_fastst_keep_first"] = (
-            torch.is_grad_enabled() and not distributed and not _graphs_possible(_model_state(self))
+            torch.is_grad_enabled() and not distributed
+            and (_keep_first_with_graphs() or not _graphs_possible(_model_state(self)))
         )
         # Every column's mini-batches get the token budget of the widest column (mini_batch_size x
         # its padded width): stock's largest mini-batch, so the peak stays within stock's, while a

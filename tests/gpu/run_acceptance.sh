@@ -206,6 +206,23 @@ cachedphases)  # issue #8: where CachedMNRL's step goes (pass 1, loss stage, rep
   [ -n "${CACHED_PROFILE:-}" ] && { stage cached-profile; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base \
     --batch-size 1024 --steps 4 --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1; }
   ;;
+cachedkeep)  # issue #8: the first mini-batch's eager graph kept from the first pass under CUDA graphs too
+             # (FASTST_CACHED_KEEP_FIRST=1) A/B in one process; plain MNRL warmed up longer (large graphs)
+  stage cached-keep; timeout 150 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base \
+    --batch-size 1024 --contenders fastst,fastst+FASTST_CACHED_KEEP_FIRST=1 --loss cached-mnrl --mini-batch-size 64 \
+    --out $R/cached-keep > $R/cached-keep.log 2>&1
+  timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached-keep --append >> $R/cached-keep.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/cached-keep.log >> $R/timeline.txt
+  stage cached-keep-phases; OUT=$R timeout 150 python3 tests/gpu/cached_phases.py \
+    --contenders fastst+FASTST_CACHED_KEEP_FIRST=1,fastst > $R/cached-phases.log 2>&1
+  grep '^{' $R/cached-phases.log >> $R/timeline.txt
+  ;;
+normparity)  # the GPU loss parity part of 'norm'
+  stage norm-parity; FASTST_RECOMPUTE_NORM=1 OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base \
+    modernbert-base embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
+  loss_summary >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
