@@ -120,7 +120,7 @@ class PackedEncoder:
         self._lora_dropout, self._lora_dropout_seen = False, -1
         self._recompute_activation = False  # set by _forward_eager while its unchecked layers run
         # id(norm output) -> (weakref to it, how to recompute it); a dict only while unchecked layers
-        # run with FASTST_RECOMPUTE_NORM=1 (see _norm / _project)
+        # run with the norm recompute on (default; FASTST_RECOMPUTE_NORM=0 off; see _norm / _project)
         self._recomputable: dict | None = None
         self.max_seq_length = None  # set by fast_modules from the ST Transformer module
 
@@ -166,7 +166,7 @@ class PackedEncoder:
 
     def _project(self, x, project, modules):
         """``project(x)`` for a projection that saves ``x``; when ``x`` is a registered norm output
-        (FASTST_RECOMPUTE_NORM=1) it is recomputed in backward instead of stored."""
+        (unless FASTST_RECOMPUTE_NORM=0) it is recomputed in backward instead of stored."""
         entry = self._recomputable.get(id(x)) if self._recomputable is not None else None
         if entry is None or entry[0]() is not x or not all(saves_its_input(m) for m in modules):
             return project(x)

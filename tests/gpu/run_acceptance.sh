@@ -40,8 +40,10 @@
 #   bash tests/gpu/run_acceptance.sh tenth    what the ninth session could not time: the activation recompute
 #                                             under autocast (fp32 weights, bf16=True) and QLoRA; where MiniLM's
 #                                             128-token peak goes (0.64 of stock, target 0.625)
-#   bash tests/gpu/run_acceptance.sh norm     the opt-in norm recompute (FASTST_RECOMPUTE_NORM=1): GPU loss
-#                                             parity, peaks and speed A/B at 128/256 on all five families
+#   bash tests/gpu/run_acceptance.sh normparity normbench   the norm recompute (default since the tenth session):
+#                                             GPU loss parity; peaks and speed A/B (=0) at 128/256 on all five families
+#   bash tests/gpu/run_acceptance.sh cachedab cachedkeep   CachedMNRL after the loss stage's / first pass's chunks;
+#                                             the first mini-batch kept under graphs (FASTST_CACHED_KEEP_FIRST=1)
 #   bash tests/gpu/run_acceptance.sh cachedphases  CachedMNRL at 1,024 pairs by phase (pass 1, loss stage, replay)
 #                                             beside plain MNRL; the loss stage's chunks A/B; a kernel profile
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
@@ -182,6 +184,18 @@ card80)  # issue #6's 1024-token cells as an H100 would hold them (times stay H2
   grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
   grep -h "rep [0-9]" $R/minilm-alone-*.log >> $R/timeline.txt; grep -h "host ms per step" $R/prof-minilm.log >> $R/timeline.txt
   ;;
+final10)  # the tenth session's defaults (norm recompute on, first-pass / loss-stage chunks) on the cells they move:
+          # issue #6's EmbeddingGemma 1024 on an emulated 80 GB card (A/B the norm recompute), issue #8's cached cell
+  L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
+  stage long-gemma-80gb; timeout 200 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
+    --contenders stock,fastst,fastst+FASTST_RECOMPUTE_NORM=0 --out $R/long-80gb > $R/long-80gb.log 2>&1
+  grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
+  stage cached; timeout 200 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base \
+    --batch-size 1024 --contenders stock,fastst --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
+  timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
+  ;;
 recompute)  # issue #5 / #6 memory: the activation output no longer stored from forward to backward
   stage loss-parity; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base modernbert-base \
     embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
@@ -218,7 +232,7 @@ cachedkeep)  # issue #8: the first mini-batch's eager graph kept from the first 
     --contenders fastst+FASTST_CACHED_KEEP_FIRST=1,fastst > $R/cached-phases.log 2>&1
   grep '^{' $R/cached-phases.log >> $R/timeline.txt
   ;;
-normparity)  # the GPU loss parity part of 'norm'
+normparity)  # the norm recompute (FASTST_RECOMPUTE_NORM, default on; passed on an H200 in the tenth session): GPU loss parity
   stage norm-parity; FASTST_RECOMPUTE_NORM=1 OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base \
     modernbert-base embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
   loss_summary >> $R/timeline.txt
@@ -243,16 +257,13 @@ tenth)  # the recompute (ninth session) on the paths it was not timed on, and Mi
     > $R/breakdown-128.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/recompute-*.log >> $R/timeline.txt
   ;;
-norm)  # FASTST_RECOMPUTE_NORM=1 (ninth session, CPU-tested only): does it keep GPU parity, what it saves, what it costs
-  stage norm-parity; FASTST_RECOMPUTE_NORM=1 OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base \
-    modernbert-base embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
-  NB="fastst,fastst+FASTST_RECOMPUTE_NORM=1"
+normbench)  # the norm recompute: what it saves, what it costs (=0 stores the norm outputs)
+  NB="fastst,fastst+FASTST_RECOMPUTE_NORM=0"
   stage norm-128-256; timeout 200 $B train $T --no-profile --max-seq-length 128,256 --models minilm,bert-base,modernbert-base \
     --contenders stock,$NB --out $R/recompute-norm > $R/recompute-norm.log 2>&1
   stage norm-decoders; timeout 100 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders $NB \
     --out $R/recompute-norm --append >> $R/recompute-norm.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/recompute-norm.log >> $R/timeline.txt
-  loss_summary >> $R/timeline.txt
   ;;
 gqa)  # ATen's flash kernels called directly (K/V heads as they are) vs varlen_attn with repeated K/V, then
       # issue #6's 1024-token cells (graph padding now in short dummy sequences)
