@@ -128,11 +128,9 @@ def choose_backend(requested: str, q: torch.Tensor, window, dropout_p: float, k=
 
 def varlen_attention(
     q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = False, window=None, scale: float | None = None,
-    dropout_p: float = 0.0, backend: str = "auto", seq_info=None, recompute_qk=None,
+    dropout_p: float = 0.0, backend: str = "auto", seq_info=None,
 ):
-    """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply.
-    ``recompute_qk``: a function giving ``(q, k)`` back, bit for bit; the Triton and direct-flash
-    kernels then keep it instead of saving q and k for their backward (the other backends save them)."""
+    """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = choose_backend(backend, q, window, dropout_p, k, cu_seqlens, max_seqlen)
     if name in ("torch_varlen", "flash_attn"):
@@ -150,9 +148,9 @@ def varlen_attention(
         from .kernels.varlen_attention import VarlenAttentionFn
 
         return VarlenAttentionFn.apply(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal),
-                                       None if window is None else tuple(window), None, recompute_qk)
+                                       None if window is None else tuple(window), None)
     if name == "torch_varlen":
-        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, window, scale, recompute_qk)
+        return _run_torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, window, scale)
     if name == "flash_attn":
         fn = _flash_attn()
         ws = (-1, -1) if window is None else window
@@ -187,24 +185,20 @@ class _FlashVarlenFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, max_seqlen, causal, left, right, scale, recompute_qk=None):
+    def forward(ctx, q, k, v, cu, max_seqlen, causal, left, right, scale):
         fwd, _ = _aten_flash_ops()
         out, lse, philox_seed, philox_offset, _ = fwd(
             q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, causal, False,
             scale=scale, window_size_left=left, window_size_right=right,
         )
-        saved_qk = () if recompute_qk is not None else (q, k)
-        ctx.save_for_backward(*saved_qk, v, out, lse, cu, philox_seed, philox_offset)
-        ctx.recompute_qk = recompute_qk
+        ctx.save_for_backward(q, k, v, out, lse, cu, philox_seed, philox_offset)
         ctx.args = (max_seqlen, causal, left, right, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         _, bwd = _aten_flash_ops()
-        from .kernels.varlen_attention import saved_with_qk
-
-        q, k, v, out, lse, cu, philox_seed, philox_offset = saved_with_qk(ctx, _unit_stride_last)
+        q, k, v, out, lse, cu, philox_seed, philox_offset = ctx.saved_tensors
         max_seqlen, causal, left, right, scale = ctx.args
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
@@ -212,26 +206,21 @@ class _FlashVarlenFn(torch.autograd.Function):
             grad_out, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, 0.0, causal, philox_seed, philox_offset,
             scale=scale, window_size_left=left, window_size_right=right,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def _unit_stride_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # Set once the direct call failed on this torch (an ATen signature it does not have): varlen_attn then.
 _ATEN_FLASH_BROKEN: list[str] = []
 
 
-def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, window, scale, recompute_qk=None):
+def _run_torch_varlen(q, k, v, cu, max_seqlen, causal, window, scale):
     fn, has_window, has_gqa, has_is_causal = _torch_varlen()
     if _aten_flash_ops() is not None and not _ATEN_FLASH_BROKEN and (has_window or window is None):
         left, right = window if window is not None else (-1, -1)
         if causal:
             right = 0 if window is not None else -1
         try:
-            return _FlashVarlenFn.apply(q, k, v, cu, int(max_seqlen), bool(causal), int(left), int(right), float(scale),
-                                        recompute_qk)
+            return _FlashVarlenFn.apply(q, k, v, cu, int(max_seqlen), bool(causal), int(left), int(right), float(scale))
         except (TypeError, RuntimeError) as exc:
             if isinstance(exc, torch.OutOfMemoryError) or (
                 torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -250,65 +250,6 @@ def test_norm_outputs_recomputed_on_request(tmp_path, monkeypatch, family, kerne
     _assert_same(results["1"], results["0"], rtol=0.0)
 
 
-def _fake_aten_flash():
-    """CPU stand-ins for ATen's flash forward/backward (the reference attention; its backward by
-    autograd), to run ``_FlashVarlenFn``'s own code on the CPU."""
-    from fastst_plugin.attention import attention_reference
-
-    def window(left, right):
-        return None if (left, right) == (-1, -1) else (left if left >= 0 else -1, right if right >= 0 else -1)
-
-    def fwd(q, k, v, cu, _cu, max_q, _max_k, p, causal, _ret, *, scale, window_size_left, window_size_right):
-        if k.shape[1] != q.shape[1]:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-        out = attention_reference(q, k, v, cu, causal=causal, scale=scale,
-                                  window=window(window_size_left, window_size_right))
-        empty = torch.empty(0)
-        return out, torch.zeros(q.shape[1], q.shape[0]), empty, empty, empty
-
-    def bwd(do, q, k, v, out, lse, cu, _cu, max_q, _max_k, p, causal, _seed, _offset, *, scale,
-            window_size_left, window_size_right):
-        with torch.enable_grad():
-            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-            o = fwd(q, k, v, cu, cu, max_q, max_q, p, causal, False, scale=scale,
-                    window_size_left=window_size_left, window_size_right=window_size_right)[0]
-            return torch.autograd.grad(o, (q, k, v), do)
-
-    return fwd, bwd
-
-
-@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
-@pytest.mark.parametrize("backend", ["triton", "torch_varlen"])
-def test_attention_recomputes_its_normed_rotated_qk(tmp_path, monkeypatch, family, backend):
-    """With the norm recompute on, the attention kernels (Triton; ATen's flash, here with CPU stand-ins)
-    save neither q nor k: they take them back from the q/k-norm + RoPE node's saved inputs in their
-    backward. Same results bit for bit as saving them (FASTST_RECOMPUTE_NORM=0)."""
-    from fastst_plugin import attention
-    from fastst_plugin.kernels import _backend
-    from fastst_plugin.kernels import varlen_attention as va
-
-    if backend == "triton" and not _backend.interpreter_on():
-        pytest.skip("the Triton attention on the CPU needs TRITON_INTERPRET=1")
-    if backend == "torch_varlen":
-        if attention._torch_varlen() is None:
-            pytest.skip("torch has no torch.nn.attention.varlen")
-        monkeypatch.setattr(attention, "_aten_flash_ops", _fake_aten_flash)
-    model = _build(tmp_path, family, lora=4, kernels="triton" if backend == "triton" else "torch")
-    fastst_plugin.enable_fast(model, attention=backend)
-    recomputed = []
-    real = va.saved_with_qk
-    monkeypatch.setattr(va, "saved_with_qk", lambda ctx, prepare: recomputed.append(
-        getattr(ctx, "recompute_qk", None) is not None) or real(ctx, prepare))
-    results = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FASTST_RECOMPUTE_NORM", flag)
-        recomputed.clear()
-        results[flag] = _embed_and_grads(model)
-        n_layers = len(get_state(model).encoder.layers)
-        assert recomputed == [flag == "1"] * n_layers
-    _assert_same(results["1"], results["0"], rtol=0.0)
-
-
 def test_recomputed_when_saved_keeps_the_inplace_check():
     x = torch.randn(4, 3, requires_grad=True)
     w = torch.randn(3, 3, requires_grad=True)

@@ -53,14 +53,6 @@ def _as_in_forward(fn, device_type: str, dtype):
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
 
-def _qk_as_in_forward(fn, device_type: str, dtype):
-    """``q, k = fn()`` under the forward's autocast state, cast to autocast's dtype as the attention
-    call does: the tensors the attention read, bit for bit."""
-    with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type), enabled=dtype is not None):
-        q, k = fn()
-    return (q, k) if dtype is None else (q.to(dtype), k.to(dtype))
-
-
 def _cast(fn, dtype):
     return fn().to(dtype)
 
@@ -224,28 +216,19 @@ class PackedEncoder:
         qkv = self._project(x, partial(_apply_projection, layer.qkv, training=training), _projection_modules(layer.qkv))
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
-        dt = ops.autocast_dtype(x.device.type)
-        redo_qk = None
         if layer.ls.rope:
             cos, sin = tables[layer.layer_type]
             if layer.q_norm is not None:
-                qk_norm_rope = partial(
-                    ops.qk_norm_rope, q_weight=layer.q_norm.weight, k_weight=layer.k_norm.weight,
-                    eps=ops.norm_eps(layer.q_norm), offset=self.spec.layer.norm_offset, cos=cos, sin=sin,
-                    position_ids=p.position_ids, kernels=self.kernels,
+                q, k = ops.qk_norm_rope(
+                    q, k, layer.q_norm.weight, layer.k_norm.weight, ops.norm_eps(layer.q_norm),
+                    self.spec.layer.norm_offset, cos, sin, p.position_ids, kernels=self.kernels,
                 )
-                if self._recomputable is not None:
-                    # The attention saves the normed, rotated q and k (what it read); the q/k-norm + RoPE
-                    # node saves its own inputs anyway: attention recomputes q and k from those in its
-                    # backward instead of storing them twice ((Hq + Hkv) x head_dim values per token per
-                    # layer: Gemma3 1k, Qwen3-0.6B 3k).
-                    redo_qk = partial(_qk_as_in_forward, partial(qk_norm_rope, q.detach(), k.detach()), x.device.type, dt)
-                q, k = qk_norm_rope(q, k)
             else:
                 q, k = ops.apply_rope(q, k, cos, sin, p.position_ids, kernels=self.kernels)
         elif layer.q_norm is not None:
             q = self._norm(q, layer.q_norm)
             k = self._norm(k, layer.k_norm)
+        dt = ops.autocast_dtype(x.device.type)
         if dt is not None:
             # Flash kernels take fp16/bf16 only; q/k norms under autocast hand back fp32.
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -253,7 +236,6 @@ class PackedEncoder:
             q, k, v, p.cu_seqlens, p.max_seqlen,
             causal=self.causal, window=layer.window, scale=self.scale,
             dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
-            recompute_qk=redo_qk,
         )
         return apply_linear(o.reshape(t, hq * d), layer.o, training)
 

@@ -385,43 +385,27 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def saved_with_qk(ctx, prepare) -> tuple:
-    """An attention Function's saved tensors with q and k first: as saved, or recomputed by the
-    ``recompute_qk`` it was given (then passed through ``prepare``, the layout fix its forward made).
-    Shared with ``fastst_plugin.attention``'s direct flash Function. Kept after use, so a backward
-    with ``retain_graph=True`` can run again."""
-    saved = ctx.saved_tensors
-    redo = getattr(ctx, "recompute_qk", None)
-    if redo is None:
-        return saved
-    with torch.no_grad():
-        q, k = redo()
-    return (prepare(q), prepare(k), *saved)
-
-
 class VarlenAttentionFn(torch.autograd.Function):
     """Triton varlen attention; see the module docstring. Use :func:`varlen_attention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, blocks, recompute_qk=None):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, blocks):
         q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
         cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
         left, right, masked = _window_bounds(causal, window)
         need_grad = any(ctx.needs_input_grad[:3])
         o, lse = _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse=need_grad, blocks=blocks)
         if need_grad:
-            # q and k recomputed in backward by recompute_qk when given (see fastst_plugin.attention)
-            ctx.save_for_backward(*(() if recompute_qk is not None else (q, k)), v, o, lse, cu)
-        ctx.recompute_qk = recompute_qk
+            ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.args = (max_seqlen, scale, left, right, masked, blocks)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu = saved_with_qk(ctx, _rows_contiguous)
+        q, k, v, o, lse, cu = ctx.saved_tensors
         max_seqlen, scale, left, right, masked, blocks = ctx.args
         dq, dk, dv = _bwd(_rows_contiguous(do), q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
