@@ -37,6 +37,11 @@ carry a host pack (they come from a fast model's ``preprocess``):
   against 2,048 candidates are 0.5 MB) and costs ~40 small kernels plus one autograd backward per
   chunk on the host while the GPU waits: 16 chunks per step at 1,024 pairs. The loss is the same sum
   of per-row terms; only the floating-point grouping of the chunks changes;
+* when nothing draws random numbers (no dropout anywhere in the model), the first pass embeds
+  ``first_pass_budget_factor`` (layers / 2) mini-batches' tokens per forward and hands each
+  mini-batch its slice: fewer, larger launches, and a no-gradient forward holds one layer's working
+  set, so its peak stays below one replayed mini-batch's. With dropout every mini-batch runs on its
+  own, as the replay must redraw its masks from its own RNG state;
 * when the replay runs eagerly (no CUDA graphs: CPU, option off, autocast with FASTST_AUTOCAST_GRAPHS=0, a failed capture), the
   first mini-batch of a step is embedded with gradients in the first pass and its graph kept: the replay reaches it first and only runs its backward (one forward fewer per
   step). Its activations then live through the rest of the first pass, where the other mini-batches
@@ -440,7 +445,8 @@ def _wrap_forward_cached(orig):
     def forward_cached(self, *args, **kwargs):
         # Keeping a mini-batch's graph from the first pass is for a plain backward() only: under
         # torch.distributed, DDP expects the replay's forward/backward pairs. With CUDA graphs the
-        # replay of every mini-batch is cheap and the kept eager graph would only add memory.
+        # kept eager activations sit beside the graph pool: opt-in there (H200, bert-base, 1,024
+        # pairs: 5 % faster, peak 4.8 -> 7.3 GB, above stock's 5.6).
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.__dict__["_fastst_keep_first"] = (
             torch.is_grad_enabled() and not distributed

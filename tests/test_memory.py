@@ -616,6 +616,9 @@ def test_cached_patches_leave_stock_features_alone_and_revert(tmp_path):
         assert gradcache._create_minibatch is original
         assert not hasattr(gradcache._minibatch_ranges, "_fastst_wrapped")
         assert not hasattr(gradcache.CachedLossMixin.embed_minibatch, "_fastst_wrapped")
+        from sentence_transformers.sentence_transformer import losses
+
+        assert not hasattr(losses.CachedMultipleNegativesRankingLoss.calculate_loss, "_fastst_wrapped")
     finally:
         training.install_trainer_integration()
 
