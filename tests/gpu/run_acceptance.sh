@@ -196,6 +196,14 @@ final10)  # the tenth session's defaults (norm recompute on, first-pass / loss-s
     --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
   ;;
+workspace)  # (not run yet) are MiniLM's extra 33.6 MB blocks cuBLAS workspaces, one pair per stream? the
+            # 128-token breakdown with torch's default workspace and with a 4 MiB one (CUBLAS_WORKSPACE_CONFIG)
+  stage breakdown-default; OUT=$R timeout 120 python3 tests/gpu/memory_breakdown.py --models minilm --max-seq-length 128 \
+    > $R/breakdown-default.log 2>&1
+  stage breakdown-4mib; CUBLAS_WORKSPACE_CONFIG=:4096:1 OUT=$R timeout 120 python3 tests/gpu/memory_breakdown.py --models minilm \
+    --max-seq-length 128 > $R/breakdown-4mib.log 2>&1
+  grep -h "peak\|largest" $R/breakdown-*.log >> $R/timeline.txt
+  ;;
 recompute)  # issue #5 / #6 memory: the activation output no longer stored from forward to backward
   stage loss-parity; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base modernbert-base \
     embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
