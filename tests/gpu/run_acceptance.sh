@@ -66,6 +66,14 @@ for l in sys.stdin:
     r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
       'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))"
 }
+cached_vs_plain() {  # DIR CONTENDERS TIMEOUT: issue #8's cell (bert-base LoRA, 1,024 pairs, CachedMNRL mini-batch 64),
+                     # then fastst's plain MNRL in the same table (warm-up 8: its first reps would include large-graph captures)
+  timeout $3 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
+    --contenders $2 --loss cached-mnrl --mini-batch-size 64 --out $R/$1 > $R/$1.log 2>&1
+  timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst --out $R/$1 --append >> $R/$1.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/$1.log >> $R/timeline.txt
+}
 for STAGE in "${@:-encode}"; do  # several stages in one call: their files side by side
 case "$STAGE" in
 diag)  # bf16 parity of the decoder families with the fp32 yardstick; eager bert-base profile by stack
@@ -190,11 +198,7 @@ final10)  # the tenth session's defaults (norm recompute on, first-pass / loss-s
   stage long-gemma-80gb; timeout 200 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
     --contenders stock,fastst,fastst+FASTST_RECOMPUTE_NORM=0 --out $R/long-80gb > $R/long-80gb.log 2>&1
   grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
-  stage cached; timeout 200 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base \
-    --batch-size 1024 --contenders stock,fastst --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
-  timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
-    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
-  grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
+  stage cached; cached_vs_plain cached stock,fastst 200
   ;;
 workspace)  # (not run yet) are MiniLM's extra 33.6 MB blocks cuBLAS workspaces, one pair per stream? the
             # 128-token breakdown with torch's default workspace and with a 4 MiB one (CUBLAS_WORKSPACE_CONFIG)
@@ -230,12 +234,7 @@ cachedphases)  # issue #8: where CachedMNRL's step goes (pass 1, loss stage, rep
   ;;
 cachedkeep)  # issue #8: the first mini-batch's eager graph kept from the first pass under CUDA graphs too
              # (FASTST_CACHED_KEEP_FIRST=1) A/B in one process; plain MNRL warmed up longer (large graphs)
-  stage cached-keep; timeout 150 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base \
-    --batch-size 1024 --contenders fastst,fastst+FASTST_CACHED_KEEP_FIRST=1 --loss cached-mnrl --mini-batch-size 64 \
-    --out $R/cached-keep > $R/cached-keep.log 2>&1
-  timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
-    --contenders fastst --out $R/cached-keep --append >> $R/cached-keep.log 2>&1
-  grep -h "rep [0-9]\|out of memory" $R/cached-keep.log >> $R/timeline.txt
+  stage cached-keep; cached_vs_plain cached-keep fastst,fastst+FASTST_CACHED_KEEP_FIRST=1 150
   stage cached-keep-phases; OUT=$R timeout 150 python3 tests/gpu/cached_phases.py \
     --contenders fastst+FASTST_CACHED_KEEP_FIRST=1,fastst > $R/cached-phases.log 2>&1
   grep '^{' $R/cached-phases.log >> $R/timeline.txt
@@ -248,12 +247,7 @@ normparity)  # the norm recompute (FASTST_RECOMPUTE_NORM, default on; passed on 
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
-  stage cached;  timeout 220 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
-    --contenders stock,fastst,fastst+FASTST_CACHED_FIRST_PASS=mini-batch --loss cached-mnrl --mini-batch-size 64 \
-    --out $R/cached > $R/cached.log 2>&1
-  timeout 60 $B train --no-dropout --steps 4 --repeats 3 --warmup 3 --no-profile --models bert-base --batch-size 1024 \
-    --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
-  grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
+  stage cached; cached_vs_plain cached stock,fastst,fastst+FASTST_CACHED_FIRST_PASS=mini-batch 220
   ;;
 tenth)  # the recompute (ninth session) on the paths it was not timed on, and MiniLM's 128-token peak
   AB="stock,fastst,fastst+FASTST_RECOMPUTE_ACTIVATION=0"
