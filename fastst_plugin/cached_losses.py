@@ -42,12 +42,15 @@ carry a host pack (they come from a fast model's ``preprocess``):
   mini-batch its slice: fewer, larger launches, and a no-gradient forward holds one layer's working
   set, so its peak stays below one replayed mini-batch's. With dropout every mini-batch runs on its
   own, as the replay must redraw its masks from its own RNG state;
-* when the replay runs eagerly (no CUDA graphs: CPU, option off, autocast with FASTST_AUTOCAST_GRAPHS=0, a failed capture), the
-  first mini-batch of a step is embedded with gradients in the first pass and its graph kept: the replay reaches it first and only runs its backward (one forward fewer per
-  step). Its activations then live through the rest of the first pass, where the other mini-batches
-  run without gradients (a small transient each): the peak stays that of one with-gradient
-  mini-batch, as in the replay. Not under torch.distributed, where DDP expects the replay's
-  forward/backward pairs.
+* the first mini-batch of a step is embedded with gradients in the first pass and its autograd
+  graph kept: the replay reaches it first and only runs its backward (one forward fewer per step).
+  Without CUDA graphs (CPU, option off, autocast with FASTST_AUTOCAST_GRAPHS=0, a failed capture)
+  always: its activations live through the rest of the first pass, where the other mini-batches run
+  without gradients (a small transient each), so the peak stays that of one with-gradient
+  mini-batch, as in the replay. With graphs, when the rest of the first pass runs eagerly anyway
+  (large no-gradient forwards): the kept forward is its bucket's graph replayed, its activations
+  left in the graph pool until the replay's first backward (``_keep_first_mode``). Not under
+  torch.distributed, where DDP expects the replay's forward/backward pairs.
 
 Token budgets and host packs apply to every loss that uses the shared helpers (``CachedGISTEmbedLoss``
 and the multi-vector cached loss included), skipping checkpointing to every forward run inside a
@@ -339,19 +342,36 @@ def _first_pass_from_chunk(loss, orig, feature, begin: int, end: int, args, kwar
         ranges = gradcache._minibatch_ranges(feature, loss.mini_batch_size, loss.mini_batch_num_tokens)
         if (begin, end) not in ranges:
             return None
-        width = max(hp.orig_shape[1], _STEP_WIDTH.get() or 0)
-        budget = factor * token_budget(hp, loss.mini_batch_size, loss.mini_batch_num_tokens, width)
-        cu = hp.cu_seqlens
-        i = j = ranges.index((begin, end))
-        while j + 1 < len(ranges) and int(cu[ranges[j + 1][1]]) - int(cu[begin]) <= budget:
-            j += 1
-        if j == i:
+        i = ranges.index((begin, end))
+        group = _first_pass_groups(hp, ranges[i:], _first_pass_budget(loss, hp, factor))[0]
+        if len(group) == 1:
             return None
-        chunk_end = ranges[j][1]
+        chunk_end = group[-1][1]
         reps, *_ = orig(loss, feature, begin, chunk_end, False, False, None, *args, **kwargs)
-        for b, e in ranges[i : j + 1]:
+        for b, e in group:
             cache[(b, e)] = reps[b - begin : e - begin]
     return cache.pop((begin, end))
+
+
+def _first_pass_budget(loss, hp: HostPack, factor: int) -> int:
+    """Tokens per first-pass forward: ``factor`` mini-batch token budgets (the step's widest column)."""
+    width = max(hp.orig_shape[1], _STEP_WIDTH.get() or 0)
+    return factor * token_budget(hp, loss.mini_batch_size, loss.mini_batch_num_tokens, width)
+
+
+def _first_pass_groups(hp: HostPack, ranges, budget: int) -> list[list[tuple[int, int]]]:
+    """Consecutive mini-batch ranges grouped greedily into first-pass forwards of at most ``budget``
+    tokens (a mini-batch over it is a group of its own)."""
+    cu = hp.cu_seqlens
+    groups = []
+    i = 0
+    while i < len(ranges):
+        j = i
+        while j + 1 < len(ranges) and int(cu[ranges[j + 1][1]]) - int(cu[ranges[i][0]]) <= budget:
+            j += 1
+        groups.append(list(ranges[i : j + 1]))
+        i = j + 1
+    return groups
 
 
 def _wrap_embed_minibatch(orig):
@@ -371,15 +391,18 @@ def _wrap_embed_minibatch(orig):
                 with torch.autocast(device_type, dtype=dtype, enabled=enabled):
                     return call()
             return call()
-        keep = not with_grad and copy_random_state and self.__dict__.get("_fastst_keep_first", False)
+        keep = self.__dict__.get("_fastst_keep_first", False) if not with_grad and copy_random_state else False
         if keep:
-            # The first mini-batch of the step is embedded with its graph, kept for the replay,
-            # which reaches it first: one forward fewer per step for the memory of the one
-            # mini-batch the replay holds anyway. Eager: a graphed forward would hold the graph pool
-            # until that backward and keep every other mini-batch of this pass off the graphs.
+            # The first mini-batch of the step is embedded with its autograd graph, kept for the
+            # replay, which reaches it first: one forward fewer per step. "graph": replayed from its
+            # CUDA graph, its activations in the graph pool, where the replay would put them anyway
+            # (see _keep_first_mode); "eager": outside the pool.
             self.__dict__["_fastst_keep_first"] = False
-            with _graphs_off(_model_state(self)):
+            if keep == "graph":
                 out = call(with_grad=True)
+            else:
+                with _graphs_off(_model_state(self)):
+                    out = call(with_grad=True)
         else:
             if copy_random_state and not with_grad:
                 _prepare_replay_graph(self, sentence_feature, begin, end)
@@ -416,13 +439,14 @@ def _graphs_possible(state) -> bool:
     return replays_possible(encoder, device)
 
 
-def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> None:
+def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> bool:
     """Capture, during the first pass, the with-gradient graph the replay of rows ``begin:end`` will
     want: the replay runs inside ``backward()``, where nothing may be captured (see
-    ``GraphedEncoder.prepare``). Checkpointing is suspended as it is in the replay."""
+    ``GraphedEncoder.prepare``). Checkpointing is suspended as it is in the replay. Whether the graph
+    is ready."""
     state = _model_state(loss)
     if not _graphs_possible(state):
-        return
+        return False
     from . import checkpointing
 
     encoder = state.encoder
@@ -432,26 +456,77 @@ def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> None:
         encoder.ensure_graphed()
     sub, _ = slice_host_pack(hp, begin, end)
     with checkpointing.suspended():
-        encoder.graphed.prepare(sub, device)
+        return encoder.graphed.prepare(sub, device)
 
 
-def _keep_first_with_graphs() -> bool:
-    """``FASTST_CACHED_KEEP_FIRST=1``: keep the first mini-batch's (eager) graph from the first pass
-    with CUDA graphs too: its eager backward replaces a graphed forward and backward in the replay."""
-    return os.environ.get("FASTST_CACHED_KEEP_FIRST", "").strip().lower() in ("1", "true", "on", "yes")
+def _keep_first_setting() -> str:
+    """``FASTST_CACHED_KEEP_FIRST``: ``auto`` (default), ``graph``, ``eager`` (also ``1``), ``0`` (off
+    when CUDA graphs replay; without them the eager keep is always on). See ``_keep_first_mode``."""
+    value = os.environ.get("FASTST_CACHED_KEEP_FIRST", "auto").strip().lower()
+    if value in ("1", "true", "on", "yes", "eager"):
+        return "eager"
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    return "graph" if value == "graph" else "auto"
+
+
+def _keep_first_mode(loss, columns) -> str | bool:
+    """How the first pass keeps the step's first mini-batch for the replay: False, "eager" or "graph".
+
+    Without CUDA graphs: "eager" (one forward fewer; its activations are the one with-gradient
+    mini-batch the replay would hold anyway). With graphs, "graph": the mini-batch's with-gradient
+    graph replayed in the first pass, its activations left in the graph pool until the replay's
+    first backward replays the backward graph — no memory beside the pool. Only when every
+    mini-batch's bucket is captured beforehand (here: while the kept forward waits for its backward
+    nothing may replay or capture in the pool, so the rest of the first pass runs eagerly), and,
+    under ``auto``, only when the rest of the first pass runs eagerly anyway: it embeds in forwards
+    over ``GRAPH_MAX_TOKENS`` tokens (no dropout; H200, bert-base, 1,024 pairs: one 82k-token forward
+    for the six document mini-batches). Otherwise a small configuration would trade graphed
+    no-gradient forwards for eager ones, which costs more than the forward saved. "eager" under
+    graphs (opt-in) keeps the activations beside the pool: 5 % faster there, peak 4.8 -> 7.3 GB."""
+    if not torch.is_grad_enabled() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # under torch.distributed, DDP expects the replay's forward/backward pairs
+    state = _model_state(loss)
+    if not _graphs_possible(state):
+        return "eager"
+    setting = _keep_first_setting()
+    if setting in ("eager", "off"):
+        return setting if setting == "eager" else False
+    packs = [fast_host_pack(feature) for feature in columns]
+    if not packs or any(hp is None for hp in packs):
+        return False
+    from sentence_transformers.base.losses import gradcache
+
+    ranges = [gradcache._minibatch_ranges(f, loss.mini_batch_size, loss.mini_batch_num_tokens) for f in columns]
+    if not ranges[0]:
+        return False
+    if setting == "auto" and not _rest_of_first_pass_is_eager(loss, state, packs, ranges):
+        return False
+    ready = all(_prepare_replay_graph(loss, f, b, e) for f, rs in zip(columns, ranges) for b, e in rs)
+    return "graph" if ready else False
+
+
+def _rest_of_first_pass_is_eager(loss, state, packs, ranges) -> bool:
+    """Whether every first-pass forward after the first mini-batch is over ``GRAPH_MAX_TOKENS``
+    tokens (no-gradient forwards that large never replay a graph)."""
+    from .graphs import GRAPH_MAX_TOKENS, bucket_tokens
+
+    if not _first_pass_chunks_on() or _draws_random_numbers(loss, state):
+        return False
+    factor = first_pass_budget_factor(state.encoder)
+    if factor <= 1:
+        return False
+    for index, (hp, column) in enumerate(zip(packs, ranges)):
+        rest = column[1:] if index == 0 else column
+        for group in _first_pass_groups(hp, rest, _first_pass_budget(loss, hp, factor)):
+            tokens = int(hp.cu_seqlens[group[-1][1]]) - int(hp.cu_seqlens[group[0][0]])
+            if bucket_tokens(tokens) <= GRAPH_MAX_TOKENS:
+                return False
+    return True
 
 
 def _wrap_forward_cached(orig):
     def forward_cached(self, *args, **kwargs):
-        # Keeping a mini-batch's graph from the first pass is for a plain backward() only: under
-        # torch.distributed, DDP expects the replay's forward/backward pairs. With CUDA graphs the
-        # kept eager activations sit beside the graph pool: opt-in there (H200, bert-base, 1,024
-        # pairs: 5 % faster, peak 4.8 -> 7.3 GB, above stock's 5.6).
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.__dict__["_fastst_keep_first"] = (
-            torch.is_grad_enabled() and not distributed
-            and (_keep_first_with_graphs() or not _graphs_possible(_model_state(self)))
-        )
         # Every column's mini-batches get the token budget of the widest column (mini_batch_size x
         # its padded width): stock's largest mini-batch, so the peak stays within stock's, while a
         # column of short queries runs as one or two large packed batches instead of many small
@@ -467,6 +542,7 @@ def _wrap_forward_cached(orig):
         widths = [hp.orig_shape[1] for hp in map(fast_host_pack, columns) if hp is not None]
         token = _STEP_WIDTH.set(max(widths) if widths else None)
         try:
+            self.__dict__["_fastst_keep_first"] = _keep_first_mode(self, columns)
             return orig(self, *args, **kwargs)
         finally:
             _STEP_WIDTH.reset(token)

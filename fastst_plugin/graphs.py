@@ -485,17 +485,20 @@ class GraphedEncoder:
         self.graphs[key] = cap
         return cap
 
-    def prepare(self, hp: HostPack, device) -> None:
-        """Capture the with-gradient graph of ``hp``'s bucket now, if it will be wanted and is missing.
+    def prepare(self, hp: HostPack, device) -> bool:
+        """Capture the with-gradient graph of ``hp``'s bucket now, if it will be wanted and is missing;
+        whether that graph is ready (a with-gradient call of ``hp`` would replay it).
 
         For the cached losses: their with-gradient forwards run inside ``loss.backward()``, where
         nothing may be captured, so the first (no-gradient) pass prepares each mini-batch's bucket."""
         if not self._eligible(hp, device) or not any(p.requires_grad for p in self._all_params()):
-            return
+            return False
         with torch.enable_grad():
             mode = self._checkpoint_mode(True)
-            if mode is not None:
-                self._get_or_capture(self._key(hp, True, mode), hp, device)
+            if mode is None:
+                return False
+            cap = self._get_or_capture(self._key(hp, True, mode), hp, device)
+        return cap is not None and cap.static.fits(hp)
 
     def _all_params(self) -> list:
         if self._param_list is None or self._registrations_seen != _REGISTRATIONS[0]:

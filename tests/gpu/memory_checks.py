@@ -1,6 +1,6 @@
 """GPU checks of the memory features (issue #8), bf16, real architectures with random weights.
 
-    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [cached_amp] [qlora]   (default: all)
+    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [cached_amp] [lora_merge] [qlora]   (default: all)
 
 modes   every gradient checkpointing mode vs "off", four families (MiniLM, ModernBERT, EmbeddingGemma,
         Qwen3-0.6B), LoRA r=16: embedding cosine and the largest relative LoRA-gradient error, next
@@ -15,6 +15,8 @@ cached  bert-base: CachedMultipleNegativesRankingLoss gradients vs MultipleNegat
         fastst (CUDA graphs on), then a few cached steps (graphs captured in both passes?)
 cached_amp  the same with fp32 weights under bf16 autocast (graphs captured under autocast), and
         against stock's CachedMultipleNegativesRankingLoss under the same autocast
+lora_merge  encode of a LoRA model (bert-base, Qwen3-0.6B) with the no-gradient merged LoRA forward,
+        unmerged, and through stock peft
 qlora   EmbeddingGemma nf4: the fast path (fused, de-quantizing inside the LoRA node) vs peft's own
         bitsandbytes forward (enable_fast(kernels="off")), per checkpointing mode
 
@@ -264,6 +266,10 @@ def cached():
     import fastst_plugin
     from sentence_transformers.sentence_transformer import losses
 
+    from fastst_plugin import cached_losses
+
+    decide = cached_losses._keep_first_mode
+
     try:
         model = _build("bert-base", _n(256, 64), cuda_graphs=True)
         qs, ds = _texts(_n(256, 8))
@@ -277,7 +283,14 @@ def cached():
         ref_loss, ref = step(mnrl, True)
         _, again = step(mnrl, True)
         noise = _max_rel_err(again, ref)
-        for mbs, ckpt in ((_n(32, 2), "off"), (_n(8, 1), "off"), (_n(32, 2), "layer")):
+        modes_seen = []
+        cached_losses._keep_first_mode = lambda *a: modes_seen.append(decide(*a)) or modes_seen[-1]
+        # keep: FASTST_CACHED_KEEP_FIRST ("graph" forces the first mini-batch's graph kept in the pool,
+        # which "auto" picks only when the rest of the first pass is eager anyway: 1,024 pairs)
+        for mbs, ckpt, keep in ((_n(32, 2), "off", "auto"), (_n(8, 1), "off", "auto"), (_n(32, 2), "layer", "auto"),
+                                (_n(32, 2), "off", "graph"), (_n(64, 2), "off", "graph")):
+            os.environ["FASTST_CACHED_KEEP_FIRST"] = keep
+            modes_seen.clear()
             fastst_plugin.enable_fast(model, gradient_checkpointing=ckpt)
             cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
             loss, grads = step(cm, False)
@@ -289,6 +302,7 @@ def cached():
                 times.append(time.perf_counter() - t0)
             graphed = fastst_plugin.api.get_state(model).encoder.graphed
             _emit({"check": "cached", "model": "bert-base", "pairs": len(qs), "mini_batch_size": mbs, "checkpointing": ckpt,
+                   "keep_first_setting": keep, "keep_first_modes": [str(m) for m in modes_seen],
                    "ok": abs(loss - ref_loss) <= 2e-2 * abs(ref_loss) and err <= max(4 * noise, 3e-2),
                    "loss_mnrl": ref_loss, "loss_cached": loss, "grad_rel_err_max": err, "mnrl_vs_mnrl_grad_rel_err": noise,
                    "graphs_captured": len(graphed.graphs) if graphed else 0,
@@ -299,8 +313,59 @@ def cached():
         traceback.print_exc()
         _emit({"check": "cached", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
+        os.environ.pop("FASTST_CACHED_KEEP_FIRST", None)
+        cached_losses._keep_first_mode = decide
         model = None
         _free()
+
+
+def lora_merge():
+    """No-gradient LoRA forwards fold the adapter into the weight (``kernels/lora.py``, ``merge_pays``):
+    encode with adapters that moved (B random) merged, unmerged (FASTST_LORA_MERGE_NO_GRAD=0) and
+    through stock peft (after ``disable_fast``), bf16, eager; cosine of each to stock. Also the
+    cached first pass vs its replay: the merged first pass's embeddings vs the with-gradient ones."""
+    import fastst_plugin
+
+    for key in ("bert-base", "qwen3-0.6b"):
+        try:
+            model = _build(key, 256)
+            model.eval()
+            qs, ds = _texts(_n(512, 8))
+            seconds = {}
+
+            def enc(name):  # a warm-up call, then a timed one (eager: indicative, not the bench)
+                model.encode(ds, batch_size=_n(256, 4), convert_to_tensor=True)
+                _sync()
+                t0 = time.perf_counter()
+                out = model.encode(ds, batch_size=_n(256, 4), convert_to_tensor=True).float()
+                _sync()
+                seconds[name] = round(time.perf_counter() - t0, 4)
+                return out
+
+            merged = enc("merged")
+            os.environ["FASTST_LORA_MERGE_NO_GRAD"] = "0"
+            try:
+                unmerged = enc("unmerged")
+            finally:
+                os.environ.pop("FASTST_LORA_MERGE_NO_GRAD", None)
+            fastst_plugin.disable_fast(model)
+            stock = enc("stock")
+            rec = {"check": "lora_merge", "model": key, "texts": len(ds), "encode_s": seconds,
+                   "merged_vs_stock": cos_stats(merged, stock), "unmerged_vs_stock": cos_stats(unmerged, stock),
+                   "merged_vs_unmerged": cos_stats(merged, unmerged)}
+            rec["ok"] = rec["merged_vs_stock"]["min"] >= min(0.999, rec["unmerged_vs_stock"]["min"] - 1e-3)
+            _emit(rec)
+        except Exception as exc:
+            traceback.print_exc()
+            _emit({"check": "lora_merge", "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            model = None
+            _free()
+
+
+def cos_stats(a, b):
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    return {"min": round(cos.min().item(), 6), "mean": round(cos.mean().item(), 6)}
 
 
 def cached_amp():

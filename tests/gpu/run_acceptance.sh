@@ -46,6 +46,8 @@
 #                                             the first mini-batch kept under graphs (FASTST_CACHED_KEEP_FIRST=1)
 #   bash tests/gpu/run_acceptance.sh cachedphases  CachedMNRL at 1,024 pairs by phase (pass 1, loss stage, replay)
 #                                             beside plain MNRL; the loss stage's chunks A/B; a kernel profile
+#   bash tests/gpu/run_acceptance.sh eleventh  CachedMNRL's first mini-batch kept in the graph pool, the merged
+#                                             no-gradient LoRA forward: GPU checks, the 1,024-pair cell A/B, phases
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
@@ -243,6 +245,17 @@ normparity)  # the norm recompute (FASTST_RECOMPUTE_NORM, default on; passed on 
   stage norm-parity; FASTST_RECOMPUTE_NORM=1 OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base \
     modernbert-base embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
   loss_summary >> $R/timeline.txt
+  ;;
+eleventh)  # issue #8: the first mini-batch kept in the graph pool (FASTST_CACHED_KEEP_FIRST, default auto) and the
+          # no-gradient merged LoRA forward (FASTST_LORA_MERGE_NO_GRAD, default on): GPU checks, then the 1,024-pair
+          # cell A/B in one process (each switch off, both off = the tenth session's default), phases
+  stage checks; OUT=$R timeout 150 python3 tests/gpu/memory_checks.py cached lora_merge > $R/memory_checks.log 2>&1
+  grep '^{' $R/memory_checks.log | cut -c1-420 >> $R/timeline.txt
+  stage cached; cached_vs_plain cached \
+    fastst,fastst+FASTST_CACHED_KEEP_FIRST=0,fastst+FASTST_LORA_MERGE_NO_GRAD=0,fastst+FASTST_CACHED_KEEP_FIRST=0+FASTST_LORA_MERGE_NO_GRAD=0 230
+  stage cached-phases; OUT=$R timeout 150 python3 tests/gpu/cached_phases.py --steps 4 \
+    --contenders fastst,fastst+FASTST_CACHED_KEEP_FIRST=0+FASTST_LORA_MERGE_NO_GRAD=0 > $R/cached-phases.log 2>&1
+  grep '^{' $R/cached-phases.log >> $R/timeline.txt
   ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each

@@ -70,3 +70,35 @@ def test_dropout_uses_one_mask_for_forward_and_backward():
     torch.testing.assert_close(y, ref_y)
     for got, want in zip(grads, ref_g):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_no_grad_forward_merges_the_adapter_when_it_pays(monkeypatch, quantized):
+    """Without gradients and with enough tokens the adapter is folded into the weight
+    (``x (W + s B A)ᵀ + b``): the same values as the unmerged node; few tokens, gradients or
+    ``FASTST_LORA_MERGE_NO_GRAD=0`` keep the unmerged node."""
+    calls = []
+    merged = L._merged_forward
+    monkeypatch.setattr(L, "_merged_forward", lambda *a: calls.append(1) or merged(*a))
+    x, w, b, a, bm, _ = _inputs((40,), 6, 5, 3, True, False)
+    want = L.lora_linear_reference(x, w, b, a, bm, 0.7).detach()
+    frozen = w.detach().clone()
+    kwargs = {"weight_fn": lambda: frozen.clone()} if quantized else {}  # weight_fn hands out a fresh temporary
+
+    def run(x_):
+        return L.lora_linear(x_, None if quantized else w, b, a, bm, 0.7, **kwargs)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), want)
+    assert calls == [1]
+    # 40 tokens x (6 + 2*5) >= 4 x 5 x 6 merges; 7 tokens do not.
+    assert L.merge_pays(x[:8].detach(), w, None, a.detach(), bm.detach()) is True
+    assert L.merge_pays(x[:7].detach(), w, None, a.detach(), bm.detach()) is False
+    with torch.no_grad():
+        torch.testing.assert_close(run(x[:7]), want[:7])
+    torch.testing.assert_close(run(x).detach(), want)  # with gradients: the node
+    monkeypatch.setenv("FASTST_LORA_MERGE_NO_GRAD", "0")
+    with torch.no_grad():
+        torch.testing.assert_close(run(x), want)
+    assert calls == [1]
+    torch.testing.assert_close(frozen, w.detach())  # the base weight is never written
