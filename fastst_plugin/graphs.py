@@ -508,8 +508,15 @@ class GraphedEncoder:
 
     def _param_signature(self) -> tuple:
         # Storage addresses catch .to()/load_state_dict(assign=True); requires_grad catches freezing
-        # and unfreezing (the captured backward computes gradients for a fixed parameter set).
-        return tuple((p.data_ptr(), p.requires_grad) for p in self._all_params())
+        # and unfreezing (the captured backward computes gradients for a fixed parameter set); the
+        # version of a frozen parameter catches in-place writes (load_state_dict, peft's merge), which
+        # the graphs' cached concatenations of frozen weights (linear.FusedProjection) must not
+        # outlive. Trained parameters' versions move at every optimizer step: not part of it.
+        params = self._all_params()
+        try:
+            return tuple((p.data_ptr(), p.requires_grad, 0 if p.requires_grad else p._version) for p in params)
+        except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
+            return tuple((p.data_ptr(), p.requires_grad, 0 if p.requires_grad else _version_or_none(p)) for p in params)
 
     def _params(self):
         return tuple(p for p in self._all_params() if p.requires_grad)
@@ -591,6 +598,13 @@ class GraphedEncoder:
         if anchor is None:
             anchor = anchors[device] = torch.zeros((), device=device, requires_grad=True)
         return anchor
+
+
+def _version_or_none(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _direct_grads_possible(params) -> bool:

@@ -80,9 +80,13 @@ class _LoRALinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         u2 = u.reshape(-1, u.shape[-1])
         grad_x = grad_w = grad_b = grad_a = grad_bm = None
-        du = (g @ lora_b) * s if (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) else None
+        # (a scale of 1, a fused projection's block-diagonal B carrying its scales: no multiply kernels)
+        du = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            du = g @ lora_b if s == 1.0 else (g @ lora_b) * s
         if ctx.needs_input_grad[4]:
-            grad_bm = (g.t() @ u2).mul_(s).to(lora_b.dtype)
+            grad_bm = g.t() @ u2 if s == 1.0 else (g.t() @ u2).mul_(s)
+            grad_bm = grad_bm.to(lora_b.dtype)
         if ctx.needs_input_grad[3]:
             xd = x2 * mask.reshape(x2.shape) if mask is not None else x2
             grad_a = (du.t() @ xd).to(lora_a.dtype)

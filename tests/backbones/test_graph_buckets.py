@@ -329,3 +329,30 @@ def test_room_for_a_large_capture_counts_the_shared_pools_idle_bytes(monkeypatch
     state["segments"][0]["active_size"] = 36 * gib
     with pytest.raises(graphs._NoRoom):
         graphs._check_room("cuda", held, pool)
+
+
+def test_frozen_weight_writes_drop_the_graphs_and_the_cached_concatenation(tmp_path):
+    # Graphs read FusedProjection's cached concatenation of frozen weights (Q/K/V) instead of
+    # concatenating at every replay: an in-place write to a frozen weight must change the graphs'
+    # parameter signature (they are dropped and captured again) and the concatenation. Optimizer
+    # steps on trained parameters must not.
+    from fastst_plugin.linear import FusedProjection
+
+    model = save_tiny(tmp_path, "bert")
+    fastst_plugin.enable_fast(model, kernels="torch", lora={"r": 4})
+    encoder, graphed = _graphed(model)
+    qkv = encoder.layers[0].qkv
+    assert isinstance(qkv, FusedProjection)
+    frozen = [m.base_layer.weight for m in qkv.modules]
+    first = qkv._frozen_cat(frozen)
+    assert qkv._frozen_cat(frozen) is first  # cached while nothing moves
+    signature = graphed._param_signature()
+    trained = next(p for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        trained.add_(1.0)
+    assert graphed._param_signature() == signature
+    with torch.no_grad():
+        frozen[1].mul_(2.0)
+    assert graphed._param_signature() != signature
+    again = qkv._frozen_cat(frozen)
+    assert again is not first and torch.equal(again, torch.cat([w.detach() for w in frozen], 0))

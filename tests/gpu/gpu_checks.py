@@ -1,6 +1,8 @@
 """GPU checks for the fast path (run through the device tool; writes JSON lines to $OUT or ./gpu-out).
 
     python tests/gpu/gpu_checks.py parity [models...]      bf16 embeddings + gradients vs stock
+    python tests/gpu/gpu_checks.py lora [models...]        LoRA (adapters moved) bf16 embeddings + gradients vs stock peft,
+                                                           graphed and eager, and after a frozen weight is written in place
     python tests/gpu/gpu_checks.py amp [models...]         fp32 weights under bf16 autocast, graphs and eager vs stock
     python tests/gpu/gpu_checks.py loss [models...]        bf16 and fp32 MNRL loss + gradients through packed_columns (one
                                                            packed forward, one-node pooling / Normalize / cos_sim) vs stock
@@ -104,6 +106,57 @@ def parity(key, dtype=torch.bfloat16):
             g = {n: v / 2 for n, v in g.items()}
         _compare(key, dtype, variant, m, ref, gref, out, g, gref32=gref32, stock_vs_fp32=stock_vs_fp32)
     os.environ.pop("FASTST_GRAPH_GRADS", None)
+    del m, built
+    _empty()
+
+
+def parity_lora(key, dtype=torch.bfloat16):
+    """LoRA r=16 (adapters moved: B random) bf16 embeddings + LoRA gradients vs stock peft (the same model
+    after ``disable_fast``), graphed (capture, replay) and eager; then a frozen base weight written in
+    place between steps: the graphs (which read a cached concatenation of the frozen Q/K/V weights) must
+    follow it, as stock does."""
+    import fastst_plugin
+    from fastst_plugin.bench.models import MODELS, build_model, lora_config
+
+    built = build_model(MODELS[key], max_seq_length=256, device=DEVICE, dtype=dtype, dropout=False)
+    m = built.model
+    m.train()
+    qs, ds = _texts(32)
+    texts = qs + ds
+    fastst_plugin.enable_fast(m, lora=lora_config(built.hf_model, 16))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+
+    def run(zero=True):
+        m.zero_grad(set_to_none=True)
+        feats = m.preprocess(texts)
+        feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+        out = m(feats)["sentence_embedding"]
+        w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=out.dtype)
+        (out.float() * w).sum().backward()
+        return out.detach().float(), _grads(m)
+
+    def stock_then_fast(variants):
+        fastst_plugin.disable_fast(m)
+        ref, gref = run()
+        for variant in variants:
+            fastst_plugin.enable_fast(m, cuda_graphs=variant != "eager")
+            out, g = run()
+            if variant == "graphs-capture":
+                out, g = run()  # the replay
+            _compare(key, dtype, variant, m, ref, gref, out, g)
+
+    stock_then_fast(("graphs-capture", "eager"))
+    frozen = next(p for n, p in m.named_parameters() if not p.requires_grad and n.endswith("base_layer.weight"))
+    fastst_plugin.enable_fast(m)
+    run()
+    run()  # graphs captured and replayed with the old weight
+    with torch.no_grad():
+        frozen.mul_(1.5)
+    stock_then_fast(("graphs-after-frozen-write",))
     del m, built
     _empty()
 
@@ -236,6 +289,8 @@ if __name__ == "__main__":
         try:
             if what == "parity":
                 parity(key)
+            elif what == "lora":
+                parity_lora(key)
             elif what == "amp":
                 parity_amp(key)
             elif what == "loss":  # bf16 (the yardstick says how far bf16 moves things) and fp32 (tight)

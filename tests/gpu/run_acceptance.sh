@@ -257,6 +257,24 @@ eleventh)  # issue #8: the first mini-batch kept in the graph pool (FASTST_CACHE
     --contenders fastst,fastst+FASTST_CACHED_KEEP_FIRST=0+FASTST_LORA_MERGE_NO_GRAD=0 > $R/cached-phases.log 2>&1
   grep '^{' $R/cached-phases.log >> $R/timeline.txt
   ;;
+eleventh2)  # graphs reading the cached concatenation of frozen Q/K/V weights (FASTST_GRAPH_CACHED_CAT, default on) and
+           # the LoRA node without scale multiplies: LoRA parity vs stock peft (graphed, eager, after a frozen weight is
+           # written), cached checks; issue #8's cell with stock and the switch A/B; #5's LoRA cells A/B
+  stage lora-parity; OUT=$R timeout 170 python3 tests/gpu/gpu_checks.py lora minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'), 'graphs', r.get('graphs_captured'), r.get('error',''))" >> $R/timeline.txt
+  stage checks; OUT=$R timeout 120 python3 tests/gpu/memory_checks.py cached lora_merge > $R/memory_checks.log 2>&1
+  grep '^{' $R/memory_checks.log | cut -c1-420 >> $R/timeline.txt
+  stage cached; timeout 200 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --loss cached-mnrl --mini-batch-size 64 --out $R/cached > $R/cached.log 2>&1
+  timeout 100 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
+    --contenders fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --out $R/cached --append >> $R/cached.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/cached.log >> $R/timeline.txt
+  stage lora-256; timeout 120 $B train $T --no-profile --models minilm,bert-base,modernbert-base \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --out $R/lora256 > $R/lora256.log 2>&1
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
