@@ -122,26 +122,31 @@ class FusedProjection:
 
     def __init__(self, modules: list[nn.Module]):
         self.modules = modules
-        self._cache_key = None
-        self._cache = None
+        # One cached concatenation per set of tensors (the weights, the biases): (key, tensor).
+        self._cache: dict[tuple, tuple] = {}
 
     def _frozen_cat(self, tensors):
         try:
             key = tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
         except RuntimeError:  # inference tensors (no version counter): concatenated per call
             return torch.cat([t.detach() for t in tensors], 0)
+        slot = tuple(id(t) for t in tensors)
+        cached = self._cache.get(slot)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if key == self._cache_key and not (capturing and not _graphs_read_cached_cat()):
+        if cached is not None and cached[0] == key and not (capturing and not _graphs_read_cached_cat()):
             # Inside a CUDA graph capture too: the graph then reads this cached concatenation (made
             # by the warm-up before the capture), instead of concatenating the weights again at every
             # replay (bert-base: twelve 3.5 MB copies per forward, 0.4 ms per replayed mini-batch of a
             # cached loss). It cannot go stale behind a graph's back: a frozen parameter written in
             # place, replaced or retyped changes the graphs' parameter signature
             # (graphs.GraphedEncoder._param_signature), which drops them before their next replay.
-            return self._cache
+            # (One slot per tensor set: a single slot shared by the weights and the biases was
+            # replaced by the other's concatenation at every eager call, freeing the tensor a graph
+            # had captured; on an H200 that gave garbage losses and an illegal memory access.)
+            return cached[1]
         cat = torch.cat([t.detach() for t in tensors], 0)
         if not capturing:
-            self._cache, self._cache_key = cat, key  # never a graph pool's block as the cache
+            self._cache[slot] = (key, cat)  # never a graph pool's block as the cache
         return cat
 
     def _cat(self, tensors):

@@ -344,8 +344,11 @@ def test_frozen_weight_writes_drop_the_graphs_and_the_cached_concatenation(tmp_p
     qkv = encoder.layers[0].qkv
     assert isinstance(qkv, FusedProjection)
     frozen = [m.base_layer.weight for m in qkv.modules]
+    biases = [m.base_layer.bias for m in qkv.modules]
     first = qkv._frozen_cat(frozen)
-    assert qkv._frozen_cat(frozen) is first  # cached while nothing moves
+    bias_cat = qkv._frozen_cat(biases)
+    # cached while nothing moves, the weights and the biases each in their own slot (a graph holds both)
+    assert qkv._frozen_cat(frozen) is first and qkv._frozen_cat(biases) is bias_cat
     signature = graphed._param_signature()
     trained = next(p for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
