@@ -275,6 +275,15 @@ for l in sys.stdin:
   stage lora-256; timeout 120 $B train $T --no-profile --models minilm,bert-base,modernbert-base \
     --contenders stock,fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --out $R/lora256 > $R/lora256.log 2>&1
   ;;
+eleventh3)  # issue #6's memory at 256 (no checkpointing) with graphs reading cached frozen concatenations vs
+           # concatenating in the graph: one contender per process (the first contender built in a process also
+           # pays the capture stream's cuBLAS workspaces, which would skew an in-process peak comparison)
+  for c in fastst fastst+FASTST_GRAPH_CACHED_CAT=0; do stage "decoders-256 $c"
+    timeout 100 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders $c \
+      --out $R/decoders-256-$(echo $c | tr '+=' '__') > $R/decoders-256-$(echo $c | tr '+=' '__').log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory" $R/decoders-256-*.log >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
