@@ -169,7 +169,11 @@ class FusedProjection:
             if not isinstance(b, str):
                 fusable = True
                 if all(type(l[0]) is nn.Linear for l in loras):
-                    w, weight_fn = self._cat([l[0].weight for l in loras]), None
+                    weights = [l[0].weight for l in loras]
+                    if not any(t.requires_grad for t in weights) and _frozen_as_blocks(weights):
+                        w, weight_fn = tuple(weights), None  # row blocks: the LoRA node multiplies each in place
+                    else:
+                        w, weight_fn = self._cat(weights), None
                 else:
                     # QLoRA: the quantized bases de-quantized into one stacked temporary per call
                     # (one GEMM instead of one per projection); never cached, never saved.
@@ -185,6 +189,20 @@ class FusedProjection:
                         b_block, scale = torch.block_diag(*[l[2] * l[3] for l in loras]), 1.0
                     return lora_linear(x, w, b, a_cat, b_block, scale, 0.0, training, weight_fn=weight_fn)
         return torch.cat([apply_linear(x, m, training) for m in mods], -1)
+
+
+# Frozen weights of a fused LoRA projection larger than this (bytes, all blocks) are multiplied block by
+# block instead of concatenated once and kept: the kept copy duplicates them (Qwen3-0.6B's Q/K/V and
+# gate/up: 0.58 GB on a 1.2 GB model; Qwen3-4B: ~5.6 GB), while small groups (BERT's Q/K/V: 3.5 MB per
+# layer) keep one wider GEMM. FASTST_FROZEN_PROJECTIONS=cat / blocks forces either.
+FROZEN_CAT_MAX_BYTES = 4 << 20
+
+
+def _frozen_as_blocks(weights) -> bool:
+    setting = os.environ.get("FASTST_FROZEN_PROJECTIONS", "auto").strip().lower()
+    if setting in ("cat", "blocks"):
+        return setting == "blocks"
+    return sum(t.numel() * t.element_size() for t in weights) > FROZEN_CAT_MAX_BYTES
 
 
 def _graphs_read_cached_cat() -> bool:

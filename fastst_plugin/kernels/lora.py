@@ -27,6 +27,7 @@ composition used as the test oracle.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable
 
 import torch
@@ -42,7 +43,9 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.
 
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, blocks=None):
+        if blocks is not None and selective_active():
+            weight, blocks = torch.cat(blocks, 0), None  # one out-of-place product (see below)
         w = weight_fn() if weight_fn is not None else weight
         xd = x * mask if mask is not None else x
         u = xd @ lora_a.t()
@@ -59,11 +62,22 @@ class _LoRALinearFn(torch.autograd.Function):
                 delta = torch.addmm(bias, u2, lora_b.t(), alpha=scaling)
             else:
                 delta = torch.mm(u2, (lora_b * scaling if scaling != 1.0 else lora_b).t())
-        if selective_active():
+        if blocks is not None:
+            # Frozen row blocks of W (a fused projection's Q/K/V or gate/up weights, not concatenated:
+            # no copy of them is kept): each block's product lands in its columns of the output,
+            # accumulated in place like the single product below (cuBLAS writes a column slice with
+            # the full row stride; no copies).
+            y = delta
+            col = 0
+            for wb in blocks:
+                y[:, col : col + wb.shape[0]].addmm_(x2, wb.t())
+                col += wb.shape[0]
+        elif selective_active():
             y = torch.addmm(delta, x2, w.t())
         else:
             y = delta.addmm_(x2, w.t())
-        y = y.view(*x.shape[:-1], w.shape[0])
+        y = y.view(*x.shape[:-1], lora_b.shape[0])
+        ctx.blocks = blocks  # frozen parameters: kept on ctx, not saved (nothing to recompute or offload)
         ctx.scaling = scaling
         ctx.weight_fn = weight_fn
         ctx.w_needs_grad = weight is not None and weight.requires_grad
@@ -95,12 +109,19 @@ class _LoRALinearFn(torch.autograd.Function):
             lora_dx = du @ lora_a
             if mask is not None:
                 lora_dx.mul_(mask.reshape(lora_dx.shape))
-            grad_x = lora_dx.addmm_(g, w.to(g.dtype)).view(x.shape)
+            if ctx.blocks is not None:
+                col = 0
+                for wb in ctx.blocks:
+                    lora_dx.addmm_(g[:, col : col + wb.shape[0]], wb.to(g.dtype))
+                    col += wb.shape[0]
+                grad_x = lora_dx.view(x.shape)
+            else:
+                grad_x = lora_dx.addmm_(g, w.to(g.dtype)).view(x.shape)
         if ctx.w_needs_grad and ctx.needs_input_grad[1]:
             grad_w = (g.t() @ x2).to(weight.dtype)
         if ctx.b_needs_grad and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None
+        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None
 
 
 # A forward that needs no gradient folds the adapter into the weight when its tokens outweigh the
@@ -148,15 +169,24 @@ def lora_linear(
     training: bool = False,
     weight_fn: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """LoRA linear over the last dim of ``x``. ``weight_fn`` replaces ``weight`` for quantized bases."""
+    """LoRA linear over the last dim of ``x``. ``weight_fn`` replaces ``weight`` for quantized bases;
+    ``weight`` may also be a tuple of frozen row blocks of W (a fused projection's weights, never
+    concatenated into a kept copy)."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Autocast does not reach inside a custom Function: cast once here, differentiably.
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = x.dtype
+    blocks = None
+    if isinstance(weight, (tuple, list)):
+        blocks, weight = weight, None
     with torch.autocast(device_type, enabled=False):
         x = x.to(dtype)
+        if blocks is not None:
+            blocks = tuple(wb.to(dtype) for wb in blocks)
+            if len(blocks) == 1:
+                weight, blocks = blocks[0], None
         if weight is not None and weight_fn is None:
             weight = weight.to(dtype)
         if weight_fn is not None:
@@ -165,9 +195,11 @@ def lora_linear(
         bias = bias.to(dtype) if bias is not None else None
         lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
         if not (dropout_p and training) and merge_pays(x, weight, weight_fn, lora_a, lora_b):
+            if blocks is not None:
+                weight_fn = partial(torch.cat, blocks, 0)  # the merged weight is a fresh temporary anyway
             return _merged_forward(x, weight, bias, lora_a, lora_b, float(scaling), weight_fn)
         mask = None
         if dropout_p and training:
             # A scaled keep-mask in x's dtype: dropout(x) == x * mask, and backward reuses it.
             mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn)
+        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, blocks)

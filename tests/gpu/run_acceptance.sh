@@ -284,6 +284,20 @@ eleventh3)  # issue #6's memory at 256 (no checkpointing) with graphs reading ca
   done
   grep -h "rep [0-9]\|out of memory" $R/decoders-256-*.log >> $R/timeline.txt
   ;;
+eleventh4)  # fused LoRA projections' frozen weights as row blocks (no kept concatenation) vs concatenated once and kept
+           # (FASTST_FROZEN_PROJECTIONS, default auto: blocks over 4 MiB, i.e. Qwen3, not BERT/Gemma): LoRA parity with
+           # blocks forced; EmbeddingGemma / Qwen3-0.6B at 256 with each setting forced, one process each (peaks)
+  stage lora-parity-blocks; FASTST_FROZEN_PROJECTIONS=blocks OUT=$R timeout 100 python3 tests/gpu/gpu_checks.py lora \
+    embeddinggemma-300m qwen3-0.6b > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'), 'graphs', r.get('graphs_captured'), r.get('error',''))" >> $R/timeline.txt
+  for c in fastst+FASTST_FROZEN_PROJECTIONS=cat fastst+FASTST_FROZEN_PROJECTIONS=blocks; do stage "decoders-256 $c"
+    timeout 100 $B train $T --no-profile --models embeddinggemma-300m,qwen3-0.6b --contenders $c \
+      --out $R/decoders-256-$(echo $c | tr '+=' '__') > $R/decoders-256-$(echo $c | tr '+=' '__').log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory" $R/decoders-256-*.log >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1

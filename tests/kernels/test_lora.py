@@ -102,3 +102,18 @@ def test_no_grad_forward_merges_the_adapter_when_it_pays(monkeypatch, quantized)
         torch.testing.assert_close(run(x), want)
     assert calls == [1]
     torch.testing.assert_close(frozen, w.detach())  # the base weight is never written
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_row_blocks_equal_the_concatenated_weight(bias):
+    """A fused projection's frozen weights passed as row blocks (never concatenated into a kept copy):
+    values and gradients as with the concatenated weight, with gradients and without (merged)."""
+    x, w, b, a, bm, g = _inputs((40,), 6, 7, 3, bias, False)
+    blocks = (w[:2].detach(), w[2:3].detach(), w[3:].detach())
+    ref_y, ref_g = _run(lambda *t: L.lora_linear(*t, 0.7), x, w, b, a, bm, g)
+    y, grads = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, blocks, b_, a_, bm_, 0.7), x, w, b, a, bm, g)
+    torch.testing.assert_close(y, ref_y)
+    for got, want in zip(grads, ref_g):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        torch.testing.assert_close(L.lora_linear(x, blocks, b, a, bm, 0.7), ref_y)
