@@ -298,6 +298,14 @@ for l in sys.stdin:
   done
   grep -h "rep [0-9]\|out of memory" $R/decoders-256-*.log >> $R/timeline.txt
   ;;
+eleventh5)  # the eleventh session's defaults on the scoreboard's LoRA 256 cells (five families, stock vs fastst) and
+           # Qwen3-4B LoRA 256 (fastst alone: its peak with the frozen projections as row blocks; stock unchanged)
+  stage train4b; timeout 100 $B train --no-dropout --steps 3 --repeats 2 --warmup 2 --models qwen3-4b \
+    --contenders fastst --out $R/train4b > $R/train4b.log 2>&1
+  stage train; timeout 230 $B train $T --no-profile --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders stock,fastst --out $R/train --time-budget 210 > $R/train.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/train4b.log $R/train.log >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
