@@ -63,6 +63,18 @@ def _grads(model):
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _probe_step(model, texts, zero=True):
+    """One forward + backward of a fixed linear read-out of the embeddings: (embeddings, grads)."""
+    if zero:
+        model.zero_grad(set_to_none=True)
+    feats = model.preprocess(texts)
+    feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+    out = model(feats)["sentence_embedding"]
+    w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=out.dtype)
+    (out.float() * w).sum().backward()
+    return out.detach().float(), _grads(model)
+
+
 def parity(key, dtype=torch.bfloat16):
     import fastst_plugin
     from fastst_plugin.bench.models import MODELS, build_model
@@ -74,14 +86,7 @@ def parity(key, dtype=torch.bfloat16):
     texts = qs + ds
 
     def run(model=m, zero=True):
-        if zero:
-            model.zero_grad(set_to_none=True)
-        feats = model.preprocess(texts)
-        feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
-        out = model(feats)["sentence_embedding"]
-        w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=out.dtype)
-        (out.float() * w).sum().backward()
-        return out.detach().float(), _grads(model)
+        return _probe_step(model, texts, zero)
 
     ref, gref = run()
     # An fp32 copy of the same weights, run stock: the yardstick for how far bf16 itself moves the
@@ -130,14 +135,8 @@ def parity_lora(key, dtype=torch.bfloat16):
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
 
-    def run(zero=True):
-        m.zero_grad(set_to_none=True)
-        feats = m.preprocess(texts)
-        feats = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
-        out = m(feats)["sentence_embedding"]
-        w = torch.linspace(-1, 1, out.shape[-1], device=DEVICE, dtype=out.dtype)
-        (out.float() * w).sum().backward()
-        return out.detach().float(), _grads(m)
+    def run():
+        return _probe_step(m, texts)
 
     def stock_then_fast(variants):
         fastst_plugin.disable_fast(m)
