@@ -20,7 +20,10 @@ base weight, and a quantized base weight is de-quantized again in backward inste
 (``weight_fn``), so QLoRA holds no full-precision weight between forward and backward.
 
 The GEMMs are cuBLAS (they are compute-bound and cuBLAS is at the roofline for these shapes); the
-fusion is in the bookkeeping, not in a Triton matmul. ``lora_linear_reference`` is the plain
+fusion is in the bookkeeping, not in a Triton matmul. Two more forms: ``weight`` given as frozen row
+blocks (a fused projection's separate Q/K/V or gate/up weights, multiplied block by block into their
+output columns rather than concatenated into a kept copy), and, without gradients and with enough
+tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``). ``lora_linear_reference`` is the plain
 composition used as the test oracle.
 """
 

@@ -306,6 +306,13 @@ eleventh5)  # the eleventh session's defaults on the scoreboard's LoRA 256 cells
     --contenders stock,fastst --out $R/train --time-budget 210 > $R/train.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/train4b.log $R/train.log >> $R/timeline.txt
   ;;
+eleventh6)  # issue #6's EmbeddingGemma 1024 cell on an emulated 80 GB card with this session's defaults (graphs reading
+           # the kept Q/K/V and gate/up concatenations; FASTST_GRAPH_CACHED_CAT=0 concatenates per replay, as before)
+  L="--no-dropout --steps 4 --repeats 2 --warmup 8 --long-docs --max-seq-length 1024"
+  stage long-gemma-80gb; timeout 220 python3 tests/gpu/emulate_card.py --gib 79 -- train $L --models embeddinggemma-300m \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --out $R/long-80gb > $R/long-80gb.log 2>&1
+  grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
