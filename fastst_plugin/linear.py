@@ -144,9 +144,13 @@ class FusedProjection:
             # replaced by the other's concatenation at every eager call, freeing the tensor a graph
             # had captured; on an H200 that gave garbage losses and an illegal memory access.)
             return cached[1]
-        cat = torch.cat([t.detach() for t in tensors], 0)
-        if not capturing:
-            self._cache[slot] = (key, cat)  # never a graph pool's block as the cache
+        if capturing:
+            return torch.cat([t.detach() for t in tensors], 0)  # never a graph pool's block as the cache
+        # Made outside inference mode even under encode()'s torch.inference_mode: an inference tensor
+        # kept here could not be saved for backward by a later training step.
+        with torch.inference_mode(False):
+            cat = torch.cat([t.detach() for t in tensors], 0)
+        self._cache[slot] = (key, cat)
         return cat
 
     def _cat(self, tensors):

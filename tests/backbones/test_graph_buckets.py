@@ -349,6 +349,11 @@ def test_frozen_weight_writes_drop_the_graphs_and_the_cached_concatenation(tmp_p
     bias_cat = qkv._frozen_cat(biases)
     # cached while nothing moves, the weights and the biases each in their own slot (a graph holds both)
     assert qkv._frozen_cat(frozen) is first and qkv._frozen_cat(biases) is bias_cat
+    qkv._cache.clear()
+    with torch.inference_mode():  # kept from an encode() call, then used by a training step
+        kept = qkv._frozen_cat(frozen)
+    assert not kept.is_inference() and qkv._frozen_cat(frozen) is kept
+    first = kept
     signature = graphed._param_signature()
     trained = next(p for p in model.parameters() if p.requires_grad)
     with torch.no_grad():
