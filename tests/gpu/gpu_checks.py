@@ -117,7 +117,8 @@ def parity(key, dtype=torch.bfloat16):
 
 def parity_lora(key, dtype=torch.bfloat16):
     """LoRA r=16 (adapters moved: B random) bf16 embeddings + LoRA gradients vs stock peft (the same model
-    after ``disable_fast``), graphed (capture, replay) and eager; then a frozen base weight written in
+    after ``disable_fast``), graphed (capture, replay) and eager, with stock on an fp32 copy as the
+    yardstick for how far bf16 moves the gradients; then a frozen base weight written in
     place between steps: the graphs (which read a cached concatenation of the frozen Q/K/V weights) must
     follow it, as stock does."""
     import fastst_plugin
@@ -138,17 +139,25 @@ def parity_lora(key, dtype=torch.bfloat16):
     def run():
         return _probe_step(m, texts)
 
-    def stock_then_fast(variants):
+    def stock_then_fast(variants, yardstick=False):
         fastst_plugin.disable_fast(m)
         ref, gref = run()
+        gref32 = stock_vs_fp32 = None
+        if yardstick:  # stock on an fp32 copy: how far bf16 itself moves the LoRA gradients
+            import copy
+
+            m32 = copy.deepcopy(m).float()
+            _, gref32 = _probe_step(m32, texts)
+            del m32
+            stock_vs_fp32 = _rel_errs(gref, gref32)
         for variant in variants:
             fastst_plugin.enable_fast(m, cuda_graphs=variant != "eager")
             out, g = run()
             if variant == "graphs-capture":
                 out, g = run()  # the replay
-            _compare(key, dtype, variant, m, ref, gref, out, g)
+            _compare(key, dtype, variant, m, ref, gref, out, g, gref32=gref32, stock_vs_fp32=stock_vs_fp32)
 
-    stock_then_fast(("graphs-capture", "eager"))
+    stock_then_fast(("graphs-capture", "eager"), yardstick=True)
     frozen = next(p for n, p in m.named_parameters() if not p.requires_grad and n.endswith("base_layer.weight"))
     fastst_plugin.enable_fast(m)
     run()

@@ -313,6 +313,14 @@ eleventh6)  # issue #6's EmbeddingGemma 1024 cell on an emulated 80 GB card with
     --contenders stock,fastst,fastst+FASTST_GRAPH_CACHED_CAT=0 --out $R/long-80gb > $R/long-80gb.log 2>&1
   grep -E "runs without CUDA graphs|emulate_card|timed alone|out of memory|rep [0-9]" $R/long-80gb.log >> $R/timeline.txt
   ;;
+eleventh7)  # LoRA parity vs stock peft with an fp32 stock copy as the yardstick (is the decoders' 0.06-0.07 bf16?)
+  stage lora-yardstick; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py lora bert-base embeddinggemma-300m qwen3-0.6b \
+    > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
   stage checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached > $R/memory_checks.log 2>&1
