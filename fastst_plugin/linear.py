@@ -113,7 +113,9 @@ class FusedProjection:
 
     Parameters stay where they are (``query.weight`` etc.): the concatenated weight is built per call
     when it is trained, and cached while it is frozen (LoRA), keyed by the tensors' identity and
-    version so an optimizer step, ``.to()`` or a load invalidates it. LoRA adapters of the group are
+    version so an optimizer step, ``.to()`` or a load invalidates it — except, under LoRA, frozen
+    groups over ``FROZEN_CAT_MAX_BYTES``, which the LoRA node multiplies block by block (a kept
+    concatenation would be a second copy of most of a decoder's weights). LoRA adapters of the group are
     fused too: A matrices stacked, B matrices block-diagonal, so the whole group is one LoRA node.
     Quantized (QLoRA) bases are de-quantized and stacked per call. Mixed or unusual groups (DoRA,
     dropout, different adapter sets, a mix of quantized and plain bases) fall back to one call per
