@@ -48,6 +48,8 @@
 #                                             beside plain MNRL; the loss stage's chunks A/B; a kernel profile
 #   bash tests/gpu/run_acceptance.sh eleventh  CachedMNRL's first mini-batch kept in the graph pool, the merged
 #                                             no-gradient LoRA forward: GPU checks, the 1,024-pair cell A/B, phases
+#   bash tests/gpu/run_acceptance.sh plainbatch  (not run yet) plain MNRL at 2,048 / 3,072 pairs (issue #8's
+#                                             "largest batch that fits"); branch attn-block-map adds stage attnmap
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
@@ -68,12 +70,13 @@ for l in sys.stdin:
     r=json.loads(l); print(r.get('model'), r.get('dtype'), r.get('variant'), 'loss diff', r.get('loss_abs_diff'), 'grad rel max', r.get('grad_rel_err_max'),
       'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))"
 }
-cached_vs_plain() {  # DIR CONTENDERS TIMEOUT: issue #8's cell (bert-base LoRA, 1,024 pairs, CachedMNRL mini-batch 64),
-                     # then fastst's plain MNRL in the same table (warm-up 8: its first reps would include large-graph captures)
+cached_vs_plain() {  # DIR CONTENDERS TIMEOUT [PLAIN_CONTENDERS]: issue #8's cell (bert-base LoRA, 1,024 pairs, CachedMNRL
+                     # mini-batch 64), then plain MNRL (default: fastst) in the same table (warm-up 8: its first reps
+                     # would include large-graph captures)
   timeout $3 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
     --contenders $2 --loss cached-mnrl --mini-batch-size 64 --out $R/$1 > $R/$1.log 2>&1
   timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size 1024 \
-    --contenders fastst --out $R/$1 --append >> $R/$1.log 2>&1
+    --contenders ${4:-fastst} --out $R/$1 --append >> $R/$1.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/$1.log >> $R/timeline.txt
 }
 for STAGE in "${@:-encode}"; do  # several stages in one call: their files side by side
@@ -320,6 +323,14 @@ eleventh7)  # LoRA parity vs stock peft with an fp32 stock copy as the yardstick
 for l in sys.stdin:
     r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'),
       'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  ;;
+plainbatch)  # NOT RUN YET: issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
+             # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
+  for n in 2048 3072; do stage plain-$n
+    timeout 150 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size $n \
+      --contenders fastst --out $R/plain-$n > $R/plain-$n.log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory" $R/plain-*.log >> $R/timeline.txt
   ;;
 cachedab)  # issue #8's cell after the loss stage's and the first pass's chunks: bf16 gradients vs MNRL, then
            # cached (stock, fastst, fastst with stock's first pass) and plain MNRL at 1,024 pairs, one process each
