@@ -82,6 +82,18 @@ if triton_available():
         return start, length, blk, seq < N
 
     @triton.jit
+    def _locate_mapped(CU, SEQ, FIRST, N, pid):
+        """``_locate`` from a precomputed program -> sequence map (``_block_map``): two loads instead
+        of a scan over all ``N`` boundaries."""
+        seq = tl.load(SEQ + pid)
+        valid = seq < N
+        s = tl.where(valid, seq, 0)
+        start = tl.load(CU + s)
+        length = tl.load(CU + s + 1) - start
+        blk = pid - tl.load(FIRST + s)
+        return start, length, blk, valid
+
+    @triton.jit
     def _load_rows(P, base, head, stride_t, stride_h, offs, offs_d, mask):
         """A [rows, BLOCK_D] tile of one head. ``base`` (int64) is the sequence's first token; the
         per-element offsets inside a sequence stay int32."""
@@ -95,16 +107,19 @@ if triton_available():
 
     @triton.jit
     def _fwd_kernel(
-        Q, K, V, O, LSE, CU,
+        Q, K, V, O, LSE, CU, SEQ, FIRST,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_lh, N, scale_log2, win_left, win_right,
         GROUP: tl.constexpr, MASKED: tl.constexpr, STORE_LSE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr, MAPPED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        start, length, blk, valid = _locate(CU, N, pid, BLOCK_M, BLOCK_SEQS)
+        if MAPPED:
+            start, length, blk, valid = _locate_mapped(CU, SEQ, FIRST, N, pid)
+        else:
+            start, length, blk, valid = _locate(CU, N, pid, BLOCK_M, BLOCK_SEQS)
         if valid:
             base = start.to(tl.int64)
             hk = h // GROUP
@@ -153,17 +168,20 @@ if triton_available():
 
     @triton.jit
     def _bwd_dkdv_kernel(
-        Q, K, V, O, DO, LSE, DQ, DK, DV, CU,
+        Q, K, V, O, DO, LSE, DQ, DK, DV, CU, SEQ, FIRST,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_dot, stride_doh, stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         stride_lh, N, scale, scale_log2, win_left, win_right,
         GROUP: tl.constexpr, MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr, MAPPED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         hk = tl.program_id(1)
-        start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
+        if MAPPED:
+            start, length, blk, valid = _locate_mapped(CU, SEQ, FIRST, N, pid)
+        else:
+            start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
         if valid:
             base = start.to(tl.int64)
             k0 = blk * BLOCK
@@ -214,17 +232,20 @@ if triton_available():
 
     @triton.jit
     def _bwd_dq_kernel(
-        Q, K, V, O, DO, LSE, DQ, CU,
+        Q, K, V, O, DO, LSE, DQ, CU, SEQ, FIRST,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_dot, stride_doh, stride_dqt, stride_dqh,
         stride_lh, N, scale, scale_log2, win_left, win_right,
         GROUP: tl.constexpr, MASKED: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_SEQS: tl.constexpr, PRECISION: tl.constexpr, MAPPED: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = tl.program_id(1)
-        start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
+        if MAPPED:
+            start, length, blk, valid = _locate_mapped(CU, SEQ, FIRST, N, pid)
+        else:
+            start, length, blk, valid = _locate(CU, N, pid, BLOCK, BLOCK_SEQS)
         # Sequences of one block got their dQ from _bwd_dkdv_kernel.
         if valid and length > BLOCK:
             base = start.to(tl.int64)
@@ -322,6 +343,26 @@ def _block_seqs(n: int) -> int:
     return max(128, next_power_of_2(n))
 
 
+def _block_map_on() -> bool:
+    """``FASTST_ATTN_BLOCK_MAP=1`` (opt-in, written 2026-11-29 after the device time ran out: not yet
+    timed on a GPU): each program reads its sequence from a map built once per call (``_block_map``)
+    instead of scanning all N sequence boundaries (``_locate``: a ``BLOCK_SEQS``-wide cumsum per
+    program; 4,096 wide for a 1,024-pair MNRL step)."""
+    return os.environ.get("FASTST_ATTN_BLOCK_MAP", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _block_map(cu: torch.Tensor, n_prog: int, block: int):
+    """(seq [n_prog] int32, first [N] int32): program ``pid`` works on block ``pid - first[seq]`` of
+    sequence ``seq`` (``seq == N``: past the last block). The grid enumerates the ``cdiv(len, block)``
+    blocks of every sequence in order, as ``_locate`` reads it. Device ops only (no host sync; fine
+    inside CUDA-graph capture)."""
+    lens = (cu[1:] - cu[:-1]).to(torch.int64)
+    nb = torch.div(lens + (block - 1), block, rounding_mode="floor")
+    cum = torch.cumsum(nb, 0)
+    seq = torch.searchsorted(cum, torch.arange(n_prog, device=cu.device), right=True).to(torch.int32)
+    return seq, (cum - nb).to(torch.int32)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs (the interpreter, or a GPU caller outside autocast) get exact fp32 products.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -337,13 +378,15 @@ def _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse, blocks=
         return o, lse
     bm, bn, warps, stages, *_ = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
     grid = (_n_programs(t, n, max_seqlen, bm), hq)
+    mapped = _block_map_on()
+    seq_map, first = _block_map(cu, grid[0], bm) if mapped else (cu, cu)
     _fwd_kernel[grid](
-        q, k, v, o, lse, cu,
+        q, k, v, o, lse, cu, seq_map, first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         lse.stride(0) if store_lse else 0, n, scale * _LOG2E, left, right,
         GROUP=hq // hk, MASKED=masked, STORE_LSE=store_lse,
         HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype),
+        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), MAPPED=mapped,
         num_warps=warps, num_stages=stages,
     )
     return o, lse
@@ -359,20 +402,22 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks
     if t == 0 or n == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     *_, block, warps, stages = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
+    mapped = _block_map_on()
     common = dict(
         GROUP=hq // hk, MASKED=masked, HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK=block,
-        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), MAPPED=mapped, num_warps=warps, num_stages=stages,
     )
     n_prog = _n_programs(t, n, max_seqlen, block)
+    seq_map, first = _block_map(cu, n_prog, block) if mapped else (cu, cu)
     _bwd_dkdv_kernel[(n_prog, hk)](
-        q, k, v, o, do, lse, dq, dk, dv, cu,
+        q, k, v, o, do, lse, dq, dk, dv, cu, seq_map, first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         lse.stride(0), n, scale, scale * _LOG2E, left, right, **common,
     )
     if max_seqlen > block:
         _bwd_dq_kernel[(n_prog, hq)](
-            q, k, v, o, do, lse, dq, cu,
+            q, k, v, o, do, lse, dq, cu, seq_map, first,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
             lse.stride(0), n, scale, scale * _LOG2E, left, right, **common,

@@ -291,3 +291,33 @@ def test_direct_flash_backward_gets_the_forward_state(monkeypatch):
     out = attn_mod._run_torch_varlen(q, k, v, cu, 6, True, (4, 0), 0.25)
     out.backward(torch.randn(10, 8, 4).transpose(1, 2))  # a grad without unit last stride
     assert q.grad.shape == q.shape and k.grad.shape == (10, 2, 8) and v.grad.shape == (10, 2, 8)
+
+
+def test_block_map_enumerates_every_sequences_blocks_in_order():
+    from fastst_plugin.kernels.varlen_attention import _block_map
+
+    lengths, block = [0, 5, 16, 17, 0, 40, 1], 16
+    cu = _cu(lengths)
+    want = [(i, b) for i, n in enumerate(lengths) for b in range(-(-n // block))]
+    n_prog = len(want) + 3  # the grid's upper bound leaves programs past the last block
+    seq, first = _block_map(cu, n_prog, block)
+    got = [(int(s), pid - int(first[s])) for pid, s in enumerate(seq[: len(want)])]
+    assert got == want
+    assert all(int(s) == len(lengths) for s in seq[len(want):])  # past the end: invalid
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "lengths,hq,hk,d,causal,window,blocks",
+    [
+        ([1, 5, 16, 17, 40], 2, 2, 32, False, None, None),
+        ([3, 33, 1, 20], 4, 2, 32, True, None, None),
+        ([40, 7, 2], 2, 2, 32, False, (4, 4), None),
+        ([1, 32, 40, 12], 2, 2, 32, False, None, (32, 16, 1, 1, 32, 1, 1)),
+    ],
+)
+def test_block_map_path_matches_reference(monkeypatch, lengths, hq, hk, d, causal, window, blocks):
+    # FASTST_ATTN_BLOCK_MAP=1: programs read their sequence from a map instead of scanning cu_seqlens.
+    monkeypatch.setenv("FASTST_ATTN_BLOCK_MAP", "1")
+    _check(lengths, hq, hk, d, causal=causal, window=window, blocks=blocks, max_seqlen=64 if blocks else None)
+    _check([0, 5, 0, 18, 0], 2, 1, 16)  # empty sequences (graph buckets) in the map
