@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import checkpointing, ops
 from ..kernels._backend import on_device
+from ..kernels.varlen_attention import shared_block_maps
 from ..attention import varlen_attention
 from ..linear import FusedProjection, apply_linear, saves_its_input
 from ..log import warn_once
@@ -395,7 +396,8 @@ class PackedEncoder:
         return self._lora_dropout
 
     def forward_eager(self, p) -> torch.Tensor:
-        with on_device(p.input_ids.device):
+        # Every layer attends over the same boundaries: the attention's block maps are built once.
+        with on_device(p.input_ids.device), shared_block_maps():
             return self._forward_eager(p)
 
     def _forward_eager(self, p) -> torch.Tensor:

@@ -45,6 +45,8 @@ design target, so ``attention='auto'`` only picks this kernel up to a ``max_seql
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -55,7 +57,8 @@ import torch
 from ._backend import interpreter_on, next_power_of_2, triton_available, use_triton
 
 MAX_HEAD_DIM = 128
-# Each program scans an N-wide vector of sequence boundaries; past this, use another backend.
+# Without the block map (FASTST_ATTN_BLOCK_MAP=0) each program scans an N-wide vector of sequence
+# boundaries; past this, another backend is used.
 MAX_SEQS = 4096
 _BIG = 1 << 30  # "unbounded" window side (lengths stay far below it)
 
@@ -344,11 +347,41 @@ def _block_seqs(n: int) -> int:
 
 
 def _block_map_on() -> bool:
-    """``FASTST_ATTN_BLOCK_MAP=1`` (opt-in, written 2026-11-29 after the device time ran out: not yet
-    timed on a GPU): each program reads its sequence from a map built once per call (``_block_map``)
-    instead of scanning all N sequence boundaries (``_locate``: a ``BLOCK_SEQS``-wide cumsum per
-    program; 4,096 wide for a 1,024-pair MNRL step)."""
-    return os.environ.get("FASTST_ATTN_BLOCK_MAP", "0").strip().lower() in ("1", "true", "on", "yes")
+    """Each program reads its (sequence, block) from a map (``_block_map``) instead of scanning all N
+    sequence boundaries (``_locate``: a ``BLOCK_SEQS``-wide cumsum per program, 4,096 wide for a
+    1,024-pair MNRL step). ``FASTST_ATTN_BLOCK_MAP=0`` restores the scan (and its ``MAX_SEQS`` limit)."""
+    return os.environ.get("FASTST_ATTN_BLOCK_MAP", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+# One map per (cu_seqlens, grid, block) for the duration of one encoder forward: every layer of a
+# forward sees the same boundaries, so building the map per call (fwd and bwd: ~8 small kernels
+# each) cost more than it saved at 128 texts (H200: MiniLM 7.5 -> 7.7 ms). Scoped to a forward on
+# purpose: a map cached on a long-lived object could be built outside a CUDA-graph capture and then
+# read, stale, by the captured kernels.
+_SHARED_MAPS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("fastst_attn_maps", default=None)
+
+
+@contextlib.contextmanager
+def shared_block_maps():
+    """Within the block, attention calls over the same ``cu_seqlens`` tensor share their block maps
+    (the backward's map is built in the forward and saved with the call's other tensors)."""
+    token = _SHARED_MAPS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_MAPS.reset(token)
+
+
+def _maps_for(cu: torch.Tensor, n_prog: int, block: int):
+    """``_block_map``, shared inside :func:`shared_block_maps`."""
+    cache = _SHARED_MAPS.get()
+    if cache is None:
+        return _block_map(cu, n_prog, block)
+    key = (id(cu), cu._version, n_prog, block)
+    hit = cache.get(key)
+    if hit is None or hit[0] is not cu:
+        hit = cache[key] = (cu, *_block_map(cu, n_prog, block))  # holding ``cu`` keeps its id unique
+    return hit[1], hit[2]
 
 
 def _block_map(cu: torch.Tensor, n_prog: int, block: int):
@@ -379,7 +412,7 @@ def _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse, blocks=
     bm, bn, warps, stages, *_ = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
     grid = (_n_programs(t, n, max_seqlen, bm), hq)
     mapped = _block_map_on()
-    seq_map, first = _block_map(cu, grid[0], bm) if mapped else (cu, cu)
+    seq_map, first = _maps_for(cu, grid[0], bm) if mapped else (cu, cu)
     _fwd_kernel[grid](
         q, k, v, o, lse, cu, seq_map, first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -392,7 +425,15 @@ def _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse, blocks=
     return o, lse
 
 
-def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks=None):
+def _bwd_map(q, cu, max_seqlen, blocks=None):
+    """The backward's block map (its block differs from the forward's), or None without the map."""
+    if not _block_map_on() or q.shape[0] == 0 or cu.numel() < 2:
+        return None
+    block = (blocks or _config(q.shape[-1], interpreter_on(), max_seqlen > LONG_SEQLEN))[-3]
+    return _maps_for(cu, _n_programs(q.shape[0], cu.numel() - 1, max_seqlen, block), block)
+
+
+def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks=None, block_map=None):
     t, hq, d = q.shape
     hk = k.shape[1]
     n = cu.numel() - 1
@@ -402,13 +443,16 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks
     if t == 0 or n == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     *_, block, warps, stages = blocks or _config(d, interpreter_on(), max_seqlen > LONG_SEQLEN)
-    mapped = _block_map_on()
+    mapped = block_map is not None or _block_map_on()
     common = dict(
         GROUP=hq // hk, MASKED=masked, HEAD_DIM=d, BLOCK_D=max(16, next_power_of_2(d)), BLOCK=block,
         BLOCK_SEQS=_block_seqs(n), PRECISION=_precision(q.dtype), MAPPED=mapped, num_warps=warps, num_stages=stages,
     )
     n_prog = _n_programs(t, n, max_seqlen, block)
-    seq_map, first = _block_map(cu, n_prog, block) if mapped else (cu, cu)
+    if mapped:
+        seq_map, first = block_map if block_map is not None else _block_map(cu, n_prog, block)
+    else:
+        seq_map, first = cu, cu
     _bwd_dkdv_kernel[(n_prog, hk)](
         q, k, v, o, do, lse, dq, dk, dv, cu, seq_map, first,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -441,15 +485,17 @@ class VarlenAttentionFn(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:3])
         o, lse = _fwd(q, k, v, cu, max_seqlen, scale, left, right, masked, store_lse=need_grad, blocks=blocks)
         if need_grad:
-            ctx.save_for_backward(q, k, v, o, lse, cu)
+            block_map = _bwd_map(q, cu, max_seqlen, blocks)
+            ctx.save_for_backward(q, k, v, o, lse, cu, *(block_map or ()))
         ctx.args = (max_seqlen, scale, left, right, masked, blocks)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
+        q, k, v, o, lse, cu, *block_map = ctx.saved_tensors
         max_seqlen, scale, left, right, masked, blocks = ctx.args
-        dq, dk, dv = _bwd(_rows_contiguous(do), q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks)
+        dq, dk, dv = _bwd(_rows_contiguous(do), q, k, v, o, lse, cu, max_seqlen, scale, left, right, masked, blocks,
+                          block_map=tuple(block_map) or None)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -463,7 +509,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, dropou
         return False
     if q.dim() != 3 or k.dim() != 3 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         return False
-    if q.shape[-1] > MAX_HEAD_DIM or cu_seqlens.numel() - 1 > MAX_SEQS:
+    if q.shape[-1] > MAX_HEAD_DIM or (cu_seqlens.numel() - 1 > MAX_SEQS and not _block_map_on()):
         return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16, torch.float32)

@@ -316,8 +316,53 @@ def test_block_map_enumerates_every_sequences_blocks_in_order():
         ([1, 32, 40, 12], 2, 2, 32, False, None, (32, 16, 1, 1, 32, 1, 1)),
     ],
 )
-def test_block_map_path_matches_reference(monkeypatch, lengths, hq, hk, d, causal, window, blocks):
-    # FASTST_ATTN_BLOCK_MAP=1: programs read their sequence from a map instead of scanning cu_seqlens.
-    monkeypatch.setenv("FASTST_ATTN_BLOCK_MAP", "1")
+def test_boundary_scan_path_matches_reference(monkeypatch, lengths, hq, hk, d, causal, window, blocks):
+    # FASTST_ATTN_BLOCK_MAP=0: every program scans cu_seqlens instead of reading the block map (the
+    # default, which the other tests here run).
+    monkeypatch.setenv("FASTST_ATTN_BLOCK_MAP", "0")
     _check(lengths, hq, hk, d, causal=causal, window=window, blocks=blocks, max_seqlen=64 if blocks else None)
-    _check([0, 5, 0, 18, 0], 2, 1, 16)  # empty sequences (graph buckets) in the map
+    _check([0, 5, 0, 18, 0], 2, 1, 16)  # empty sequences (graph buckets)
+
+
+def test_supported_seq_limit_only_without_the_map(monkeypatch):
+    from fastst_plugin.kernels import varlen_attention as va
+
+    q, k = torch.zeros(3, 2, 16), torch.zeros(3, 2, 16)
+    cu = torch.zeros(va.MAX_SEQS + 2, dtype=torch.int32)
+    cu[-1] = 3
+    if not use_triton(q):
+        pytest.skip("Triton path needs CUDA or TRITON_INTERPRET=1")
+    assert supported(q, k, cu)
+    monkeypatch.setenv("FASTST_ATTN_BLOCK_MAP", "0")
+    assert not supported(q, k, cu)
+
+
+@needs_triton
+def test_shared_block_maps_built_once_per_forward(monkeypatch):
+    """Inside shared_block_maps() the layers' calls over one cu_seqlens build each map once (forward
+    block and backward block), the backward reads the map saved in the forward, and values and
+    gradients equal the per-call maps'."""
+    from fastst_plugin.kernels import varlen_attention as va
+
+    built = []
+    real = va._block_map
+    monkeypatch.setattr(va, "_block_map", lambda *a: built.append(a[1:]) or real(*a))
+    lengths = [3, 33, 1, 20, 0]
+    cu = _cu(lengths)
+    q, k, v, g = _make(lengths, 4, 2, 32)
+
+    def two_layers():
+        q1, k1, v1 = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        o = varlen_attention(q1, k1, v1, cu_seqlens=cu, max_seqlen=33, causal=True)
+        o = varlen_attention(o, k1, v1, cu_seqlens=cu, max_seqlen=33, causal=True)
+        return o.detach(), torch.autograd.grad(o, (q1, k1, v1), g)
+
+    per_call = two_layers()
+    assert len(built) == 4  # per call: the forward's map and the backward's (saved); none at backward time
+    keys = set(built)  # (programs, block): one key when the forward's and backward's blocks agree
+    built.clear()
+    with va.shared_block_maps():
+        shared = two_layers()
+    assert sorted(built) == sorted(keys)  # each map once
+    for a, b in zip((per_call[0], *per_call[1]), (shared[0], *shared[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
