@@ -87,6 +87,12 @@ def recompute_norm_enabled() -> bool:
     return os.environ.get("FASTST_RECOMPUTE_NORM", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
+def recompute_rope_enabled() -> bool:
+    """``FASTST_RECOMPUTE_ROPE=0`` stores the rotated (and q/k-normed) queries and keys the attention
+    saves (default: recomputed in backward from the projection's output, which stays alive anyway)."""
+    return os.environ.get("FASTST_RECOMPUTE_ROPE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 @contextlib.contextmanager
 def recomputed_when_saved(t: torch.Tensor, recompute):
     """Within the block, an op that saves ``t`` for its backward saves nothing: ``recompute()`` gives
@@ -103,23 +109,55 @@ def recomputed_when_saved(t: torch.Tensor, recompute):
     the built-in one). Keep the block narrow, to ops that save their inputs (linear projections): a
     hook handing back an op's own *output* makes a reference cycle that only a backward breaks (a
     forward without backward would leak it)."""
+    with _recomputed_when_saved((t,), lambda: (recompute(),), detach_others=False):
+        yield
+
+
+@contextlib.contextmanager
+def recomputed_together_when_saved(tensors, recompute):
+    """:func:`recomputed_when_saved` for tensors one kernel makes together (RoPE's rotated q and k):
+    ``recompute()`` returns all of them, in order, and runs once per backward that asks for them.
+
+    What it is for: the attention saves its rotated q and k ([T, (Hq + Hkv) D]; Qwen3-0.6B: 3,072
+    values per token per layer, ~17 % of what a layer stores), while the RoPE (q/k-norm + RoPE) kernel
+    keeps its own inputs, views of the Q/K/V projection's output that V keeps alive anyway. Recomputing
+    them is one elementwise kernel per layer in the backward.
+
+    The op inside may save its own output (attention saves ``o``): a hook holding an op's output would
+    make a reference cycle through the output's grad_fn, so the other saved tensors are kept detached
+    (same storage and version counter, no grad_fn). Hence no ``create_graph`` through the block."""
+    with _recomputed_when_saved(tuple(tensors), recompute, detach_others=True):
+        yield
+
+
+def _identity(x: torch.Tensor):
+    # Matched by memory and geometry: while the tensor is alive, a tensor with its data pointer, shape,
+    # strides and dtype holds its values (an empty one matches only empty ones: nothing to differ).
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+
+
+@contextlib.contextmanager
+def _recomputed_when_saved(tensors, recompute, detach_others: bool):
     if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         yield
         return
-    # Matched by memory and geometry: while ``t`` is alive, a tensor with its data pointer, shape,
-    # strides and dtype holds its values (an empty one matches only empty ones: nothing to differ).
-    ident = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    index = {_identity(t): i for i, t in enumerate(tensors)}
+    handed = {}  # recomputed tensors not yet handed to a backward (all come from one recompute())
 
     def pack(x):
-        if (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) == ident:
-            return _RECOMPUTED
-        return x, x._version
+        i = index.get(_identity(x))
+        if i is not None:
+            return _RECOMPUTED, i
+        return (x.detach() if detach_others else x), x._version
 
     def unpack(packed):
-        if packed is _RECOMPUTED:
+        if packed[0] is _RECOMPUTED:
             # In the grad mode the backward runs in: off normally (nothing recorded), on under
             # create_graph=True, where the recomputed tensor must stay connected to its input.
-            return recompute()
+            i = packed[1]
+            if i not in handed:
+                handed.update(enumerate(recompute()))
+            return handed.pop(i)
         x, version = packed
         if x._version != version:
             raise RuntimeError(

@@ -17,7 +17,9 @@ The GPU counterparts (bf16, CUDA streams of the offload mode, memory peaks) are 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -248,6 +250,74 @@ def test_norm_outputs_recomputed_on_request(tmp_path, monkeypatch, family, kerne
     norms = 2 * n_layers - (1 if family in ("bert", "modernbert") else 0)
     assert counts == {"1": n_layers + norms, "0": n_layers}
     _assert_same(results["1"], results["0"], rtol=0.0)
+
+
+@pytest.mark.parametrize("family", ["modernbert", "gemma3", "qwen3"])
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_rope_outputs_recomputed_instead_of_stored(tmp_path, monkeypatch, family, kernels):
+    """FASTST_RECOMPUTE_ROPE=1 (default): the rotated (q/k-normed) q and k the attention saves are
+    recomputed from the RoPE kernel's own inputs in backward, once per layer; bitwise the same
+    embeddings and gradients as storing them. Triton attention (the interpreter): the CPU's SDPA
+    saves padded copies instead, where there is nothing to recompute."""
+    from fastst_plugin.kernels import _backend
+
+    if not _backend.interpreter_on():
+        pytest.skip("Triton attention on the CPU needs TRITON_INTERPRET=1")
+    model = _build(tmp_path, family, lora=4, kernels=kernels)
+    fastst_plugin.enable_fast(model, attention="triton")
+    n_layers = len(get_state(model).encoder.layers)
+    calls, results = [], {}
+    real = checkpointing.recomputed_together_when_saved
+    monkeypatch.setattr(checkpointing, "recomputed_together_when_saved",
+                        lambda ts, redo: real(ts, lambda: calls.append(1) or redo()))
+    counts = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTST_RECOMPUTE_ROPE", flag)
+        calls.clear()
+        results[flag] = _embed_and_grads(model)
+        counts[flag] = len(calls)
+    assert counts == {"1": n_layers, "0": 0}
+    _assert_same(results["1"], results["0"], rtol=0.0)
+
+
+def test_recomputed_together_recomputes_once_and_holds_no_cycle():
+    """Two tensors from one recompute: recomputed once per backward; the op's own saved output is
+    kept detached, so a forward without a backward frees it (no cycle through its grad_fn)."""
+
+    class Product(torch.autograd.Function):  # saves its inputs and its output, as attention does
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out = a * b * c
+            ctx.save_for_backward(a, b, c, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b, c, out = ctx.saved_tensors
+            return g * b * c, g * a * c, g * a * b
+
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def run(recompute):
+        a, b = torch.sin(x), torch.cos(x)
+        redo = lambda: calls.append(1) or (torch.sin(x.detach()), torch.cos(x.detach()))  # noqa: E731
+        ctx = checkpointing.recomputed_together_when_saved((a, b), redo) if recompute else contextlib.nullcontext()
+        with ctx:
+            out = Product.apply(a, b, c)
+        return torch.autograd.grad(out.sum(), (x, c))
+
+    got, ref = run(True), run(False)
+    assert calls == [1]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    a, b = torch.sin(x), torch.cos(x)
+    with checkpointing.recomputed_together_when_saved((a, b), lambda: (a, b)):
+        out = Product.apply(a, b, c)
+    gone = weakref.ref(out)
+    del out
+    gc.collect()
+    assert gone() is None
 
 
 def test_recomputed_when_saved_keeps_the_inplace_check():

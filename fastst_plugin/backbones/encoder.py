@@ -54,6 +54,13 @@ def _as_in_forward(fn, device_type: str, dtype):
     return out if dtype is None or out.dtype == dtype else out.to(dtype)
 
 
+def _pair_as_in_forward(fn, device_type: str, dtype):
+    """``_as_in_forward`` for a function returning two tensors (RoPE's q and k)."""
+    with torch.autocast(device_type, dtype=dtype or torch.get_autocast_dtype(device_type), enabled=dtype is not None):
+        a, b = fn()
+    return (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+
+
 def _cast(fn, dtype):
     return fn().to(dtype)
 
@@ -120,6 +127,7 @@ class PackedEncoder:
         self.graphed = None  # GraphedEncoder, created on the first CUDA call
         self._lora_dropout, self._lora_dropout_seen = False, -1
         self._recompute_activation = False  # set by _forward_eager while its unchecked layers run
+        self._recompute_rope = False  # likewise
         # id(norm output) -> (weakref to it, how to recompute it); a dict only while unchecked layers
         # run with the norm recompute on (default; FASTST_RECOMPUTE_NORM=0 off; see _norm / _project)
         self._recomputable: dict | None = None
@@ -217,15 +225,17 @@ class PackedEncoder:
         qkv = self._project(x, partial(_apply_projection, layer.qkv, training=training), _projection_modules(layer.qkv))
         q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hk, d), v.view(t, hk, d)
+        rope = None
         if layer.ls.rope:
             cos, sin = tables[layer.layer_type]
             if layer.q_norm is not None:
-                q, k = ops.qk_norm_rope(
-                    q, k, layer.q_norm.weight, layer.k_norm.weight, ops.norm_eps(layer.q_norm),
+                rope = partial(
+                    ops.qk_norm_rope, q, k, layer.q_norm.weight, layer.k_norm.weight, ops.norm_eps(layer.q_norm),
                     self.spec.layer.norm_offset, cos, sin, p.position_ids, kernels=self.kernels,
                 )
             else:
-                q, k = ops.apply_rope(q, k, cos, sin, p.position_ids, kernels=self.kernels)
+                rope = partial(ops.apply_rope, q, k, cos, sin, p.position_ids, kernels=self.kernels)
+            q, k = rope()
         elif layer.q_norm is not None:
             q = self._norm(q, layer.q_norm)
             k = self._norm(k, layer.k_norm)
@@ -233,11 +243,19 @@ class PackedEncoder:
         if dt is not None:
             # Flash kernels take fp16/bf16 only; q/k norms under autocast hand back fp32.
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        o = varlen_attention(
-            q, k, v, p.cu_seqlens, p.max_seqlen,
+        attend = partial(
+            varlen_attention, q, k, v, p.cu_seqlens, p.max_seqlen,
             causal=self.causal, window=layer.window, scale=self.scale,
             dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
         )
+        if rope is None or not self._recompute_rope:
+            o = attend()
+        else:
+            # The attention saves the rotated q and k; the RoPE kernel's inputs (views of the
+            # projection's output, which v keeps alive) give them back in the backward instead.
+            redo = partial(_pair_as_in_forward, rope, x.device.type, dt)
+            with checkpointing.recomputed_together_when_saved((q, k), redo):
+                o = attend()
         return apply_linear(o.reshape(t, hq * d), layer.o, training)
 
     def mlp(self, layer: _Layer, x, training):
@@ -411,12 +429,13 @@ class PackedEncoder:
         if mode == "off":
             # Only here: under a checkpointing mode the checkpoint's own saved-tensor hooks decide.
             self._recompute_activation = checkpointing.recompute_activation_enabled()
+            self._recompute_rope = checkpointing.recompute_rope_enabled()
             self._recomputable = {} if checkpointing.recompute_norm_enabled() else None
             try:
                 for layer in self.layers:
                     h = self.layer_forward(layer, h, p, tables)
             finally:
-                self._recompute_activation, self._recomputable = False, None
+                self._recompute_activation, self._recompute_rope, self._recomputable = False, False, None
         elif mode == "offload":
             offloader = checkpointing.ActivationOffloader(h.device)
             for layer in self.layers:
