@@ -48,8 +48,10 @@
 #                                             beside plain MNRL; the loss stage's chunks A/B; a kernel profile
 #   bash tests/gpu/run_acceptance.sh eleventh  CachedMNRL's first mini-batch kept in the graph pool, the merged
 #                                             no-gradient LoRA forward: GPU checks, the 1,024-pair cell A/B, phases
-#   bash tests/gpu/run_acceptance.sh attnmap plainbatch  (not run yet) the attention's block map A/B; plain MNRL at
-#                                             2,048 / 3,072 pairs (issue #8's "largest batch that fits")
+#   bash tests/gpu/run_acceptance.sh plainbatch attnmap  plain MNRL at 2,048 / 3,072 pairs (issue #8's "largest batch
+#                                             that fits"); the attention's block map (opt-in then, built per call) A/B
+#   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
+#                                             q/k recomputed in backward: parity, peaks, A/B
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
@@ -334,7 +336,24 @@ attnmap)  # NOT RUN YET (written after the eleventh session's device time ran ou
     --contenders fastst,fastst+FASTST_ATTN_BLOCK_MAP=1 --out $R/attnmap-256 > $R/attnmap-256.log 2>&1
   stage attnmap-cached; cached_vs_plain attnmap-cached fastst,fastst+FASTST_ATTN_BLOCK_MAP=1 150 fastst,fastst+FASTST_ATTN_BLOCK_MAP=1
   ;;
-plainbatch)  # NOT RUN YET: issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
+twelfth)  # the attention's block map on by default and shared by a forward's layers; the rotated q/k recomputed in
+          # backward (FASTST_RECOMPUTE_ROPE): parity, rope families' peaks one process per setting (stock beside the
+          # default), the block map A/B at 128 texts and at 1,024 pairs (plain and cached), plain MNRL at 3,072 pairs
+  stage parity; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py loss minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/loss.log 2>&1
+  loss_summary >> $R/timeline.txt
+  for c in stock,fastst fastst+FASTST_RECOMPUTE_ROPE=0; do stage "rope-256 $c"
+    timeout 130 $B train $T --no-profile --models modernbert-base,embeddinggemma-300m,qwen3-0.6b --contenders $c \
+      --out $R/rope-256-$(echo $c | tr '+=,' '___') > $R/rope-256-$(echo $c | tr '+=,' '___').log 2>&1
+  done
+  stage map-256; timeout 120 $B train $T --no-profile --models minilm,bert-base,modernbert-base \
+    --contenders fastst,fastst+FASTST_ATTN_BLOCK_MAP=0 --out $R/map-256 > $R/map-256.log 2>&1
+  stage map-cached; cached_vs_plain map-cached fastst,fastst+FASTST_ATTN_BLOCK_MAP=0 150 fastst,fastst+FASTST_ATTN_BLOCK_MAP=0
+  stage plain-3072; timeout 150 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base \
+    --batch-size 3072 --contenders fastst --out $R/plain-3072 > $R/plain-3072.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/rope-256-*.log $R/map-*.log $R/plain-3072.log >> $R/timeline.txt
+  ;;
+plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
     timeout 150 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base --batch-size $n \
