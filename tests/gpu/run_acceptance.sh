@@ -353,6 +353,18 @@ twelfth)  # the attention's block map on by default and shared by a forward's la
     --batch-size 3072 --contenders fastst --out $R/plain-3072 > $R/plain-3072.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/rope-256-*.log $R/map-*.log $R/plain-3072.log >> $R/timeline.txt
   ;;
+twelfth2)  # the RoPE recompute's step time A/B in one process (twelfth had the settings in two processes, one with
+           # stock in it); Qwen3-4B LoRA 256 and Qwen3-0.6B LoRA 1024 peaks with it (fastst alone, one process each)
+  stage rope-ab; timeout 120 $B train $T --no-profile --models modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders fastst,fastst+FASTST_RECOMPUTE_ROPE=0 --out $R/rope-ab > $R/rope-ab.log 2>&1
+  stage train4b; timeout 100 $B train --no-dropout --steps 3 --repeats 2 --warmup 2 --no-profile --models qwen3-4b \
+    --contenders fastst --out $R/train4b > $R/train4b.log 2>&1
+  for c in fastst fastst+FASTST_RECOMPUTE_ROPE=0; do stage "qwen-1024 $c"
+    timeout 120 $B train --no-dropout --steps 3 --repeats 2 --warmup 3 --no-profile --long-docs --max-seq-length 1024 \
+      --models qwen3-0.6b --contenders $c --out $R/qwen-1024-$(echo $c | tr '+=' '__') > $R/qwen-1024-$(echo $c | tr '+=' '__').log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory" $R/rope-ab.log $R/train4b.log $R/qwen-1024-*.log >> $R/timeline.txt
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
