@@ -365,6 +365,13 @@ twelfth2)  # the RoPE recompute's step time A/B in one process (twelfth had the 
   done
   grep -h "rep [0-9]\|out of memory" $R/rope-ab.log $R/train4b.log $R/qwen-1024-*.log >> $R/timeline.txt
   ;;
+profile8)  # issue #8: the kernels of CachedMNRL's step (1,024 pairs, mini-batch 64) and of plain MNRL's (1,024 pairs),
+          # with this session's defaults: where the cached step spends more than plain beyond its first pass
+  stage prof-cached; OUT=$R timeout 200 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1
+  stage prof-plain; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --tag=-plain > $R/prof-plain.log 2>&1
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
