@@ -23,8 +23,11 @@ The GEMMs are cuBLAS (they are compute-bound and cuBLAS is at the roofline for t
 fusion is in the bookkeeping, not in a Triton matmul. Two more forms: ``weight`` given as frozen row
 blocks (a fused projection's separate Q/K/V or gate/up weights, multiplied block by block into their
 output columns rather than concatenated into a kept copy), and, without gradients and with enough
-tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``). ``lora_linear_reference`` is the plain
-composition used as the test oracle.
+tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``); with gradients
+and enough tokens the node itself runs over that merged weight (``merge_pays_with_grad``: forward
+``x (W + sBA)ᵀ + b``, backward ``dx = g (W + sBA)``, the weight rebuilt there rather than kept), which
+drops the [T, N] and [T, K] low-rank terms the unmerged node writes and reads back.
+``lora_linear_reference`` is the plain composition used as the test oracle.
 """
 
 from __future__ import annotations
@@ -46,7 +49,20 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.
 
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, blocks=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, blocks=None, merged=False):
+        ctx.merged = merged
+        if merged:
+            # y = x (W + s B A)ᵀ + b: one GEMM (bias in its epilogue) over a temporary merged weight,
+            # rebuilt in backward for dx = g (W + s B A); u is still needed for dB.
+            u = x @ lora_a.t()
+            with recompute_hint():  # under the selective policy: a weight-sized product, redone, not stored
+                merged_weight = _merged_weight(weight, blocks, weight_fn, lora_a, lora_b, scaling)
+            y = F.linear(x, merged_weight, bias)
+            ctx.blocks, ctx.scaling, ctx.weight_fn = blocks, scaling, weight_fn
+            ctx.w_needs_grad = False  # merged only over a frozen base weight
+            ctx.b_needs_grad = bias is not None and bias.requires_grad
+            ctx.save_for_backward(x, weight if weight_fn is None else None, lora_a, lora_b, u, None)
+            return y
         if blocks is not None and selective_active():
             weight, blocks = torch.cat(blocks, 0), None  # one out-of-place product (see below)
         w = weight_fn() if weight_fn is not None else weight
@@ -99,7 +115,7 @@ class _LoRALinearFn(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_a = grad_bm = None
         # (a scale of 1, a fused projection's block-diagonal B carrying its scales: no multiply kernels)
         du = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[3] or (ctx.needs_input_grad[0] and not ctx.merged):
             du = g @ lora_b if s == 1.0 else (g @ lora_b) * s
         if ctx.needs_input_grad[4]:
             grad_bm = g.t() @ u2 if s == 1.0 else (g.t() @ u2).mul_(s)
@@ -107,7 +123,10 @@ class _LoRALinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             xd = x2 * mask.reshape(x2.shape) if mask is not None else x2
             grad_a = (du.t() @ xd).to(lora_a.dtype)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.merged:
+            merged = _merged_weight(weight, ctx.blocks, ctx.weight_fn, lora_a, lora_b, s)
+            grad_x = (g @ merged.to(g.dtype)).view(x.shape)
+        elif ctx.needs_input_grad[0]:
             # Low-rank term first, base product accumulated onto it in place (no [T, K] copy; see forward).
             lora_dx = du @ lora_a
             if mask is not None:
@@ -124,7 +143,7 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_w = (g.t() @ x2).to(weight.dtype)
         if ctx.b_needs_grad and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None, None
 
 
 # A forward that needs no gradient folds the adapter into the weight when its tokens outweigh the
@@ -150,15 +169,48 @@ def merge_pays(x, weight, weight_fn, lora_a, lora_b) -> bool:
     return tokens * (k + 2 * n) >= MERGE_TRAFFIC_RATIO * n * k and _merge_on()
 
 
+def _merged_weight(weight, blocks, weight_fn, lora_a, lora_b, scaling: float):
+    """``W + s B A`` as a temporary (one rounding to the compute dtype). ``W`` from ``weight``, its
+    frozen row ``blocks`` or ``weight_fn`` (a de-quantized temporary: merged into in place)."""
+    fresh = weight_fn() if weight_fn is not None else torch.cat(blocks, 0) if blocks is not None else None
+    if fresh is None or selective_active():  # (the selective policy cannot record in-place ops)
+        return torch.addmm(weight if fresh is None else fresh, lora_b, lora_a, alpha=scaling)
+    return fresh.addmm_(lora_b, lora_a, alpha=scaling)
+
+
 def _merged_forward(x, weight, bias, lora_a, lora_b, scaling: float, weight_fn):
     """``x (W + s B A)ᵀ + b``: the same function as the unmerged forward up to the rounding of the
     merged weight (one rounding of W + sBA to the compute dtype, against the unmerged path's
     rounding of its low-rank term). The merged weight is a temporary of this call."""
-    if weight_fn is not None:
-        merged = weight_fn().addmm_(lora_b, lora_a, alpha=scaling)  # a fresh de-quantized temporary: in place
-    else:
-        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
-    return F.linear(x, merged, bias)
+    return F.linear(x, _merged_weight(weight, None, weight_fn, lora_a, lora_b, scaling), bias)
+
+
+# With gradients the merge pays too: the unmerged node writes the [T, N] low-rank term and reads it
+# back in the base GEMM's epilogue (forward), and likewise the [T, K] low-rank part of dx (backward):
+# 2 T (N + K) values per call. The merged node instead builds W + sBA twice (forward and backward:
+# reading W and writing the merged copy, ~4 N K values) and still needs u = x Aᵀ for dB. Merge when
+# T (N + K) >= MERGE_GRAD_TRAFFIC_RATIO x N K (bert-base's projections: from ~1,200 tokens; a
+# 64-pair step has ~6k). Not with dropout (the adapter sees dropout(x), not x), not for a trainable
+# base weight. Under selective checkpointing the merged weight is recomputed, never stored.
+# FASTST_LORA_MERGE_GRAD=0 keeps the unmerged node; =1 merges whatever the size (tests).
+MERGE_GRAD_TRAFFIC_RATIO = 2
+
+
+def _merge_grad_mode() -> str:
+    value = os.environ.get("FASTST_LORA_MERGE_GRAD", "auto").strip().lower()
+    return {"0": "off", "false": "off", "off": "off", "no": "off", "1": "on", "true": "on", "on": "on"}.get(value, "auto")
+
+
+def merge_pays_with_grad(x, weight, lora_a, lora_b) -> bool:
+    """Whether a call that needs gradients (for the adapters and/or x) should run merged."""
+    mode = _merge_grad_mode()
+    if mode == "off" or (weight is not None and weight.requires_grad):
+        return False
+    if mode == "on":
+        return True
+    n, k = lora_b.shape[0], lora_a.shape[1]
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return tokens * (n + k) >= MERGE_GRAD_TRAFFIC_RATIO * n * k
 
 
 def lora_linear(
@@ -205,4 +257,5 @@ def lora_linear(
         if dropout_p and training:
             # A scaled keep-mask in x's dtype: dropout(x) == x * mask, and backward reuses it.
             mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, blocks)
+        merged = mask is None and merge_pays_with_grad(x, weight, lora_a, lora_b)
+        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, blocks, merged)

@@ -372,6 +372,19 @@ profile8)  # issue #8: the kernels of CachedMNRL's step (1,024 pairs, mini-batch
   stage prof-plain; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
     --tag=-plain > $R/prof-plain.log 2>&1
   ;;
+twelfth3)  # the LoRA node over the merged weight with gradients (FASTST_LORA_MERGE_GRAD, default auto): LoRA parity vs
+          # stock peft with an fp32 yardstick, the LoRA 256 cells A/B in one process, issue #8's cached and plain cells A/B
+  stage lora-parity-merged; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py lora minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  stage merge-256; timeout 150 $B train $T --no-profile --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
+    --contenders fastst,fastst+FASTST_LORA_MERGE_GRAD=0 --out $R/merge-256 > $R/merge-256.log 2>&1
+  stage merge-cached; cached_vs_plain merge-cached fastst,fastst+FASTST_LORA_MERGE_GRAD=0 150 fastst,fastst+FASTST_LORA_MERGE_GRAD=0
+  grep -h "rep [0-9]\|out of memory" $R/merge-*.log >> $R/timeline.txt
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n

@@ -48,11 +48,14 @@ def test_quantized_base_through_weight_fn():
     x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, True, False)
     ref_y, ref_g = _run(lambda *t: L.lora_linear_reference(*t, 0.5), x, w, b, a, bm, g)
     frozen = w.detach().clone()
-    y, grads = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, None, b_, a_, bm_, 0.5, weight_fn=lambda: frozen),
+    # weight_fn hands out a fresh de-quantized temporary per call (the merged node merges into it)
+    y, grads = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, None, b_, a_, bm_, 0.5,
+                                                               weight_fn=lambda: frozen.clone()),
                     x, w, b, a, bm, g)
     torch.testing.assert_close(y, ref_y)
     for got, want in zip(grads, ref_g):
         torch.testing.assert_close(got, want)
+    torch.testing.assert_close(frozen, w.detach(), rtol=0, atol=0)
 
 
 def test_dropout_uses_one_mask_for_forward_and_backward():
@@ -117,3 +120,46 @@ def test_frozen_row_blocks_equal_the_concatenated_weight(bias):
         torch.testing.assert_close(got, want)
     with torch.no_grad():
         torch.testing.assert_close(L.lora_linear(x, blocks, b, a, bm, 0.7), ref_y)
+
+
+@pytest.mark.parametrize("form", ["weight", "blocks", "weight_fn"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_with_gradients_the_merged_node_equals_the_unmerged(monkeypatch, form, bias):
+    """FASTST_LORA_MERGE_GRAD: with gradients the node may run over the merged weight W + sBA (forward
+    y = x (W + sBA)ᵀ + b, backward dx = g (W + sBA)); values and gradients of x, A, B (and b) equal
+    the unmerged node's and the reference's; the frozen weight is never written."""
+    x, w, b, a, bm, g = _inputs((40,), 6, 7, 3, bias, False)
+    frozen = w.detach().clone()
+    weight = {"weight": w, "blocks": (w[:2].detach(), w[2:].detach()), "weight_fn": None}[form]
+    kwargs = {"weight_fn": lambda: frozen.clone()} if form == "weight_fn" else {}
+    ref_y, ref_g = _run(lambda *t: L.lora_linear_reference(*t, 0.7), x, w, b, a, bm, g)
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("FASTST_LORA_MERGE_GRAD", mode)
+        results[mode] = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, weight, b_, a_, bm_, 0.7, **kwargs),
+                             x, w, b, a, bm, g)
+    for y, grads in results.values():
+        torch.testing.assert_close(y, ref_y)
+        for got, want in zip(grads, ref_g):
+            torch.testing.assert_close(got, want)
+    torch.testing.assert_close(frozen, w.detach(), rtol=0, atol=0)
+
+
+def test_merge_with_gradients_rule(monkeypatch):
+    """auto: merged when T (N + K) >= 2 N K; never with dropout, a trainable base weight or under
+    FASTST_LORA_MERGE_GRAD=0."""
+    calls = []
+    real = L._merged_weight
+    monkeypatch.setattr(L, "_merged_weight", lambda *t: calls.append(1) or real(*t))
+    x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, True, False)
+    # 40 tokens x (5 + 6) >= 2 x 5 x 6; 5 tokens do not (55 < 60)
+    assert L.merge_pays_with_grad(x, w, a, bm) and not L.merge_pays_with_grad(x[:5], w, a, bm)
+    _run(lambda *t: L.lora_linear(*t, 0.7), x, w, b, a, bm, g)
+    assert len(calls) == 2  # forward and backward
+    calls.clear()
+    _run(lambda *t: L.lora_linear(*t, 0.7, dropout_p=0.5, training=True), x, w, b, a, bm, g)
+    assert calls == []
+    xw, ww, bw, aw, bmw, gw = _inputs((40,), 6, 5, 3, True, True)
+    assert not L.merge_pays_with_grad(xw, ww, aw, bmw)
+    monkeypatch.setenv("FASTST_LORA_MERGE_GRAD", "0")
+    assert not L.merge_pays_with_grad(x, w, a, bm)
