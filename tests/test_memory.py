@@ -280,6 +280,26 @@ def test_rope_outputs_recomputed_instead_of_stored(tmp_path, monkeypatch, family
     _assert_same(results["1"], results["0"], rtol=0.0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["off", "selective"])
+def test_lora_merged_with_gradients_opt_in(tmp_path, monkeypatch, family, mode):
+    """FASTST_LORA_MERGE_GRAD=1 (opt-in): every LoRA projection runs over the merged weight, in fp32
+    equal to the unmerged node to rounding, with and without selective checkpointing."""
+    from fastst_plugin.kernels import lora as L
+
+    model = _build(tmp_path, family, lora=4)
+    fastst_plugin.enable_fast(model, gradient_checkpointing=mode)
+    calls = []
+    real = L._merged_weight
+    monkeypatch.setattr(L, "_merged_weight", lambda *t: calls.append(1) or real(*t))
+    ref = _embed_and_grads(model)
+    assert calls == []  # off by default
+    monkeypatch.setenv("FASTST_LORA_MERGE_GRAD", "1")
+    got = _embed_and_grads(model)
+    assert calls
+    _assert_same(got, ref, rtol=1e-4)  # the issue's fp32 parity bound
+
+
 def test_recomputed_together_recomputes_once_and_holds_no_cycle():
     """Two tensors from one recompute: recomputed once per backward; the op's own saved output is
     kept detached, so a forward without a backward frees it (no cycle through its grad_fn)."""

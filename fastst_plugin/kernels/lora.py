@@ -23,10 +23,10 @@ The GEMMs are cuBLAS (they are compute-bound and cuBLAS is at the roofline for t
 fusion is in the bookkeeping, not in a Triton matmul. Two more forms: ``weight`` given as frozen row
 blocks (a fused projection's separate Q/K/V or gate/up weights, multiplied block by block into their
 output columns rather than concatenated into a kept copy), and, without gradients and with enough
-tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``); with gradients
-and enough tokens the node itself runs over that merged weight (``merge_pays_with_grad``: forward
-``x (W + sBA)ᵀ + b``, backward ``dx = g (W + sBA)``, the weight rebuilt there rather than kept), which
-drops the [T, N] and [T, K] low-rank terms the unmerged node writes and reads back.
+tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``). Opt-in
+(``FASTST_LORA_MERGE_GRAD``, off by default: its bf16 rounding of the adapter's update changes the
+training trajectory), the node itself runs over that merged weight with gradients too
+(``merge_pays_with_grad``: forward ``x (W + sBA)ᵀ + b``, backward ``dx = g (W + sBA)``).
 ``lora_linear_reference`` is the plain composition used as the test oracle.
 """
 
@@ -185,20 +185,26 @@ def _merged_forward(x, weight, bias, lora_a, lora_b, scaling: float, weight_fn):
     return F.linear(x, _merged_weight(weight, None, weight_fn, lora_a, lora_b, scaling), bias)
 
 
-# With gradients the merge pays too: the unmerged node writes the [T, N] low-rank term and reads it
-# back in the base GEMM's epilogue (forward), and likewise the [T, K] low-rank part of dx (backward):
-# 2 T (N + K) values per call. The merged node instead builds W + sBA twice (forward and backward:
-# reading W and writing the merged copy, ~4 N K values) and still needs u = x Aᵀ for dB. Merge when
-# T (N + K) >= MERGE_GRAD_TRAFFIC_RATIO x N K (bert-base's projections: from ~1,200 tokens; a
-# 64-pair step has ~6k). Not with dropout (the adapter sees dropout(x), not x), not for a trainable
-# base weight. Under selective checkpointing the merged weight is recomputed, never stored.
-# FASTST_LORA_MERGE_GRAD=0 keeps the unmerged node; =1 merges whatever the size (tests).
+# With gradients the merge would pay too: the unmerged node writes the [T, N] low-rank term and reads
+# it back in the base GEMM's epilogue (forward), and likewise the [T, K] low-rank part of dx
+# (backward): 2 T (N + K) values per call. The merged node instead builds W + sBA twice (forward and
+# backward: reading W and writing the merged copy, ~4 N K values) and still needs u = x Aᵀ for dB;
+# "auto" merges when T (N + K) >= MERGE_GRAD_TRAFFIC_RATIO x N K. Never with dropout (the adapter
+# sees dropout(x), not x) or a trainable base weight; under selective checkpointing the merged
+# weight is recomputed, never stored.
+#
+# OFF by default (FASTST_LORA_MERGE_GRAD=auto|1 opt in): in bf16 the merged weight rounds the adapter's
+# update to the grid of W's own values, so updates smaller than half a bf16 step of W vanish from the
+# forward; the training trajectory drifts from stock's. H200, LoRA r=32, 64 pairs x 256, a dozen
+# steps: final loss bert-base 1.9234 merged vs 1.8878 unmerged (stock 1.8878), Qwen3-0.6B 1.7693 vs
+# 1.6248 (stock 1.5911), for -2.5 to -7 % step time on the decoders and ModernBERT (bert-base 0 %)
+# and -10 % on a plain 1,024-pair bert-base step (docs/benchmarks.md, twelfth session).
 MERGE_GRAD_TRAFFIC_RATIO = 2
 
 
 def _merge_grad_mode() -> str:
-    value = os.environ.get("FASTST_LORA_MERGE_GRAD", "auto").strip().lower()
-    return {"0": "off", "false": "off", "off": "off", "no": "off", "1": "on", "true": "on", "on": "on"}.get(value, "auto")
+    value = os.environ.get("FASTST_LORA_MERGE_GRAD", "0").strip().lower()
+    return {"1": "on", "true": "on", "on": "on", "auto": "auto"}.get(value, "off")
 
 
 def merge_pays_with_grad(x, weight, lora_a, lora_b) -> bool:

@@ -372,18 +372,29 @@ profile8)  # issue #8: the kernels of CachedMNRL's step (1,024 pairs, mini-batch
   stage prof-plain; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
     --tag=-plain > $R/prof-plain.log 2>&1
   ;;
-twelfth3)  # the LoRA node over the merged weight with gradients (FASTST_LORA_MERGE_GRAD, default auto): LoRA parity vs
-          # stock peft with an fp32 yardstick, the LoRA 256 cells A/B in one process, issue #8's cached and plain cells A/B
-  stage lora-parity-merged; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py lora minilm bert-base modernbert-base \
+twelfth3)  # the LoRA node over the merged weight with gradients (FASTST_LORA_MERGE_GRAD; run as the default "auto", then
+          # made opt-in after this run's final losses): LoRA parity vs stock peft with an fp32 yardstick, the LoRA 256
+          # cells A/B in one process, issue #8's cached and plain cells A/B
+  stage lora-parity-merged; FASTST_LORA_MERGE_GRAD=auto OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py lora minilm bert-base modernbert-base \
     embeddinggemma-300m qwen3-0.6b > $R/lora-parity.log 2>&1
   grep '^{' $R/lora-parity.log | python3 -c "import json,sys
 for l in sys.stdin:
     r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'),
       'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
   stage merge-256; timeout 150 $B train $T --no-profile --models minilm,bert-base,modernbert-base,embeddinggemma-300m,qwen3-0.6b \
-    --contenders fastst,fastst+FASTST_LORA_MERGE_GRAD=0 --out $R/merge-256 > $R/merge-256.log 2>&1
-  stage merge-cached; cached_vs_plain merge-cached fastst,fastst+FASTST_LORA_MERGE_GRAD=0 150 fastst,fastst+FASTST_LORA_MERGE_GRAD=0
+    --contenders fastst+FASTST_LORA_MERGE_GRAD=auto,fastst+FASTST_LORA_MERGE_GRAD=0 --out $R/merge-256 > $R/merge-256.log 2>&1
+  stage merge-cached; cached_vs_plain merge-cached fastst+FASTST_LORA_MERGE_GRAD=auto,fastst+FASTST_LORA_MERGE_GRAD=0 150 \
+    fastst+FASTST_LORA_MERGE_GRAD=auto,fastst+FASTST_LORA_MERGE_GRAD=0
   grep -h "rep [0-9]\|out of memory" $R/merge-*.log >> $R/timeline.txt
+  ;;
+twelfth4)  # this session's defaults on the cells still missing a stock column (MiniLM, bert-base LoRA 256) and issue #8's
+          # ratio once more: CachedMNRL and plain MNRL at 1,024 pairs, plain at 3,072 (the largest that fits 80 GB)
+  stage train; timeout 100 $B train $T --no-profile --models minilm,bert-base --contenders stock,fastst \
+    --out $R/train > $R/train.log 2>&1
+  stage cached; cached_vs_plain cached fastst 100
+  stage plain-3072; timeout 80 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base \
+    --batch-size 3072 --contenders fastst --out $R/plain-3072 > $R/plain-3072.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/train.log $R/cached.log $R/plain-3072.log >> $R/timeline.txt
   ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)

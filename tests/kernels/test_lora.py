@@ -146,12 +146,14 @@ def test_with_gradients_the_merged_node_equals_the_unmerged(monkeypatch, form, b
 
 
 def test_merge_with_gradients_rule(monkeypatch):
-    """auto: merged when T (N + K) >= 2 N K; never with dropout, a trainable base weight or under
-    FASTST_LORA_MERGE_GRAD=0."""
+    """Off by default; auto: merged when T (N + K) >= 2 N K; never with dropout or a trainable base
+    weight."""
+    x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, True, False)
+    assert not L.merge_pays_with_grad(x, w, a, bm)  # the default
+    monkeypatch.setenv("FASTST_LORA_MERGE_GRAD", "auto")
     calls = []
     real = L._merged_weight
     monkeypatch.setattr(L, "_merged_weight", lambda *t: calls.append(1) or real(*t))
-    x, w, b, a, bm, g = _inputs((40,), 6, 5, 3, True, False)
     # 40 tokens x (5 + 6) >= 2 x 5 x 6; 5 tokens do not (55 < 60)
     assert L.merge_pays_with_grad(x, w, a, bm) and not L.merge_pays_with_grad(x[:5], w, a, bm)
     _run(lambda *t: L.lora_linear(*t, 0.7), x, w, b, a, bm, g)
