@@ -24,10 +24,13 @@ texts and ``max_seqlen`` 256 most programs idle, and their backward accumulates 
 plus a convert pass. Here:
 
 * The grid enumerates only real (sequence, block) pairs: ``cdiv(T, BLOCK) + N`` programs at most
-  (``N * cdiv(max_seqlen, BLOCK)`` if smaller). Each program finds its sequence and block from
-  ``cu_seqlens`` itself (a cumulative sum of per-sequence block counts over an ``N``-wide vector),
-  so there is no host sync and no extra launch, and it works inside CUDA-graph capture (zero-length
-  sequences are fine). Programs past the last block exit at once.
+  (``N * cdiv(max_seqlen, BLOCK)`` if smaller). Each program reads its sequence and block from a
+  program -> sequence map (``_block_map``: a cumulative sum of per-sequence block counts and a
+  ``searchsorted`` over program ids, on the device), built once per encoder forward and shared by
+  its layers (``shared_block_maps``); with ``FASTST_ATTN_BLOCK_MAP=0`` each program scans
+  ``cu_seqlens`` itself instead (an ``N``-wide cumulative sum per program). Either way no host sync,
+  and it works inside CUDA-graph capture (zero-length sequences are fine). Programs past the last
+  block exit at once.
 * Backward kernel 1 (``_bwd_dkdv``): one program per (key block, kv head) loops over the q heads of
   its GQA group and over the query blocks that can see its keys, accumulating dK and dV in registers
   (no atomics). When the whole sequence fits one block (the common case for short texts), that same
