@@ -207,3 +207,26 @@ def test_bf16_gradients_as_close_to_fp32_as_stock(tmp_path, family):
         return max(((g[n].float() - g32[n]).norm() / g32[n].norm()).item() for n in g32 if not n.endswith("k_proj.bias"))
 
     assert worst(g_fast) <= 1.5 * worst(g_stock) + 1e-3
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen3"])
+def test_triton_attention_block_maps_shared_by_a_forwards_layers(tmp_path, monkeypatch, family):
+    """Triton attention (the interpreter) at the model level: stock's embeddings and gradients, and
+    the attention's block maps built once per forward for all layers (one per block size: forward
+    and backward), not once per layer and call."""
+    if not _backend.interpreter_on():
+        pytest.skip("Triton attention on the CPU needs TRITON_INTERPRET=1")
+    from fastst_plugin.kernels import varlen_attention as va
+
+    model = save_tiny(tmp_path, family)
+    model.eval()
+    ref, gref = _embed_and_grads(model, TEXTS)
+    fastst_plugin.enable_fast(model, attention="triton")
+    built = []
+    real = va._block_map
+    monkeypatch.setattr(va, "_block_map", lambda *a: built.append(a[1:]) or real(*a))
+    out, g = _embed_and_grads(model, TEXTS)
+    n_layers = len(fastst_plugin.api.get_state(model).encoder.layers)
+    assert n_layers > 1 and 1 <= len(built) <= 2 and len(set(built)) == len(built)
+    assert torch.nn.functional.cosine_similarity(ref, out).min() >= 0.99999
+    _assert_grads_close(g, gref)
