@@ -51,7 +51,9 @@
 #   bash tests/gpu/run_acceptance.sh plainbatch attnmap  plain MNRL at 2,048 / 3,072 pairs (issue #8's "largest batch
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
-#                                             q/k recomputed in backward: parity, peaks, A/B
+#                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh thirteenth  (not run yet) LoRA parity with today's defaults; does CachedMNRL's
+#                                             merged no-gradient first pass drift from stock's trajectory?
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
 #                                             an eager bert-base LoRA profile
@@ -395,6 +397,21 @@ twelfth4)  # this session's defaults on the cells still missing a stock column (
   stage plain-3072; timeout 80 $B train --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base \
     --batch-size 3072 --contenders fastst --out $R/plain-3072 > $R/plain-3072.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/train.log $R/cached.log $R/plain-3072.log >> $R/timeline.txt
+  ;;
+thirteenth)  # NOT RUN YET (written after the twelfth session's device time ran out): LoRA parity vs stock peft with
+            # the twelfth session's defaults (block map, RoPE recompute; the merged-with-gradients node off), and
+            # whether CachedMNRL's merged no-gradient first pass drifts: stock vs fastst vs fastst without the merge,
+            # final losses after 4 x 5 timed steps (the twelfth session's with-gradient merge drifted visibly)
+  stage lora-parity; OUT=$R timeout 150 python3 tests/gpu/gpu_checks.py lora minilm bert-base modernbert-base \
+    embeddinggemma-300m qwen3-0.6b > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'),
+      'vs fp32', r.get('grad_rel_err_vs_fp32_max'), 'stock vs fp32', r.get('stock_bf16_grad_rel_err_vs_fp32_max'), r.get('error',''))" >> $R/timeline.txt
+  stage cached-drift; timeout 300 $B train --no-dropout --steps 5 --repeats 4 --warmup 5 --no-profile --models bert-base \
+    --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
+  grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
   ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
