@@ -126,13 +126,30 @@ def choose_backend(requested: str, q: torch.Tensor, window, dropout_p: float, k=
     return "sdpa"
 
 
+# Backends whose autograd node saves the q and k it is given as they are (first-order nodes: no
+# double backward through them anyway); SDPA saves padded copies, the reference its own products.
+_SAVES_QK_AS_GIVEN = ("triton", "torch_varlen", "flash_attn")
+
+
 def varlen_attention(
     q, k, v, cu_seqlens, max_seqlen: int, *, causal: bool = False, window=None, scale: float | None = None,
-    dropout_p: float = 0.0, backend: str = "auto", seq_info=None,
+    dropout_p: float = 0.0, backend: str = "auto", seq_info=None, qk_recompute=None,
 ):
-    """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply."""
+    """Attention within each packed sequence. ``seq_info`` (a PackedBatch) lets ``sdpa`` re-pad cheaply.
+    ``qk_recompute``: a function giving ``(q, k)`` back (the RoPE kernel on its own saved inputs); when
+    the chosen backend's node would save ``q`` and ``k`` as they are, they are recomputed with it in
+    backward instead of stored (``checkpointing.recomputed_together_when_saved``)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     name = choose_backend(backend, q, window, dropout_p, k, cu_seqlens, max_seqlen)
+    if qk_recompute is not None and name in _SAVES_QK_AS_GIVEN:
+        from .checkpointing import recomputed_together_when_saved
+
+        with recomputed_together_when_saved((q, k), qk_recompute):
+            return _run(name, q, k, v, cu_seqlens, max_seqlen, causal, window, scale, dropout_p, seq_info)
+    return _run(name, q, k, v, cu_seqlens, max_seqlen, causal, window, scale, dropout_p, seq_info)
+
+
+def _run(name, q, k, v, cu_seqlens, max_seqlen, causal, window, scale, dropout_p, seq_info):
     if name in ("torch_varlen", "flash_attn"):
         # FlashAttention reads rows and heads by stride: the views of the fused QKV projection need
         # only a unit stride on the head dimension (copying them cost ~14 % of an inference batch's

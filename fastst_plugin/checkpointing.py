@@ -125,7 +125,9 @@ def recomputed_together_when_saved(tensors, recompute):
 
     The op inside may save its own output (attention saves ``o``): a hook holding an op's output would
     make a reference cycle through the output's grad_fn, so the other saved tensors are kept detached
-    (same storage and version counter, no grad_fn). Hence no ``create_graph`` through the block."""
+    (same storage and version counter, no grad_fn). Hence only around first-order nodes (the
+    attention's custom kernels; ``attention.varlen_attention`` applies it to those alone), never
+    where a ``create_graph`` backward could pass."""
     with _recomputed_when_saved(tuple(tensors), recompute, detach_others=True):
         yield
 

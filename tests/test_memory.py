@@ -278,6 +278,13 @@ def test_rope_outputs_recomputed_instead_of_stored(tmp_path, monkeypatch, family
         counts[flag] = len(calls)
     assert counts == {"1": n_layers, "0": 0}
     _assert_same(results["1"], results["0"], rtol=0.0)
+    # SDPA saves padded copies (nothing to recompute) and is twice differentiable: no hooks there,
+    # so nothing it saves is detached.
+    monkeypatch.setenv("FASTST_RECOMPUTE_ROPE", "1")
+    fastst_plugin.enable_fast(model, attention="sdpa")
+    calls.clear()
+    torch.testing.assert_close(_embed_and_grads(model)[0], results["1"][0], rtol=1e-5, atol=1e-6)
+    assert calls == []
 
 
 @pytest.mark.parametrize("family", FAMILIES)

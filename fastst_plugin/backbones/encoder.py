@@ -243,19 +243,15 @@ class PackedEncoder:
         if dt is not None:
             # Flash kernels take fp16/bf16 only; q/k norms under autocast hand back fp32.
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        attend = partial(
-            varlen_attention, q, k, v, p.cu_seqlens, p.max_seqlen,
+        # The attention saves the rotated q and k; the RoPE kernel's inputs (views of the projection's
+        # output, which v keeps alive) give them back in the backward instead.
+        redo = partial(_pair_as_in_forward, rope, x.device.type, dt) if rope is not None and self._recompute_rope else None
+        o = varlen_attention(
+            q, k, v, p.cu_seqlens, p.max_seqlen,
             causal=self.causal, window=layer.window, scale=self.scale,
             dropout_p=self.attention_dropout if training else 0.0, backend=self.attention_backend, seq_info=p,
+            qk_recompute=redo,
         )
-        if rope is None or not self._recompute_rope:
-            o = attend()
-        else:
-            # The attention saves the rotated q and k; the RoPE kernel's inputs (views of the
-            # projection's output, which v keeps alive) give them back in the backward instead.
-            redo = partial(_pair_as_in_forward, rope, x.device.type, dt)
-            with checkpointing.recomputed_together_when_saved((q, k), redo):
-                o = attend()
         return apply_linear(o.reshape(t, hq * d), layer.o, training)
 
     def mlp(self, layer: _Layer, x, training):
