@@ -23,7 +23,8 @@ The GEMMs are cuBLAS (they are compute-bound and cuBLAS is at the roofline for t
 fusion is in the bookkeeping, not in a Triton matmul. Two more forms: ``weight`` given as frozen row
 blocks (a fused projection's separate Q/K/V or gate/up weights, multiplied block by block into their
 output columns rather than concatenated into a kept copy), and, without gradients and with enough
-tokens, the adapter merged into a temporary weight (``merge_pays``, ``_merged_forward``). Opt-in
+tokens, under ``torch.inference_mode`` (encode), the adapter merged into a temporary weight
+(``merge_pays``, ``_merged_forward``; not in training's no-gradient passes, see there). Opt-in
 (``FASTST_LORA_MERGE_GRAD``, off by default: its bf16 rounding of the adapter's update changes the
 training trajectory), the node itself runs over that merged weight with gradients too
 (``merge_pays_with_grad``: forward ``x (W + sBA)ᵀ + b``, backward ``dx = g (W + sBA)``).
@@ -150,23 +151,37 @@ class _LoRALinearFn(torch.autograd.Function):
 # weight: merging writes one [N, K] weight (reading W and the adapter), while the unmerged forward
 # moves, per token, x once more for the rank-r product plus the [T, N] low-rank term written and read
 # back by the base GEMM's epilogue (K + 2N values). Merge when T (K + 2N) >= MERGE_TRAFFIC_RATIO x N K.
-# Who: a cached loss's first pass (bert-base LoRA r=32, one 82k-token forward: ~38 KB per token and
-# layer of extra traffic, ~11 ms of a 53 ms pass at H200 bandwidth) and encode() of an unmerged LoRA
-# model. FASTST_LORA_MERGE_NO_GRAD=0 keeps the unmerged forward.
+#
+# Only under torch.inference_mode by default (encode(), predict(): one rounding of W + sBA to the
+# compute dtype, as peft's merge_and_unload in bf16 gives). Not in the no-gradient passes of training
+# (a cached loss's first pass): there the merged weight's bf16 rounding drops every adapter update
+# under half a step of W's grid, so the first pass embeds with a model that lags the one the replay
+# differentiates, and the loss and its gradients drift. H200, bert-base LoRA r=32, CachedMNRL 1,024
+# pairs, 25 steps (thirteenth session): final loss stock 3.9378, unmerged 3.9376, merged 3.9430
+# (eleventh session, 8 steps: 4.823 / 4.831 / 4.849); the merge saved 7.4 ms of a 198 ms step.
+# FASTST_LORA_MERGE_NO_GRAD: "inference" (default), "1" every no-gradient forward (the old default),
+# "0" never.
 MERGE_TRAFFIC_RATIO = 4
 
 
-def _merge_on() -> bool:
-    return os.environ.get("FASTST_LORA_MERGE_NO_GRAD", "1").strip().lower() not in ("0", "false", "off", "no")
+def _merge_setting() -> str:
+    value = os.environ.get("FASTST_LORA_MERGE_NO_GRAD", "inference").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    return "always" if value in ("1", "true", "on", "yes", "always") else "inference"
 
 
 def merge_pays(x, weight, weight_fn, lora_a, lora_b) -> bool:
-    """Whether this call needs no gradient and has enough tokens for the merged forward to pay."""
+    """Whether this call needs no gradient, may merge (see above) and has enough tokens for the
+    merged forward to pay."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b)):
+        return False
+    setting = _merge_setting()
+    if setting == "off" or (setting == "inference" and not torch.is_inference_mode_enabled()):
         return False
     n, k = lora_b.shape[0], lora_a.shape[1]
     tokens = x.numel() // max(x.shape[-1], 1)
-    return tokens * (k + 2 * n) >= MERGE_TRAFFIC_RATIO * n * k and _merge_on()
+    return tokens * (k + 2 * n) >= MERGE_TRAFFIC_RATIO * n * k
 
 
 def _merged_weight(weight, blocks, weight_fn, lora_a, lora_b, scaling: float):

@@ -1,6 +1,6 @@
 """GPU checks of the memory features (issue #8), bf16, real architectures with random weights.
 
-    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [cached_amp] [lora_merge] [qlora]   (default: all)
+    python tests/gpu/memory_checks.py [modes] [graph_modes] [yardstick] [peaks] [cached] [cached_exact] [cached_amp] [lora_merge] [qlora]   (default: all)
 
 modes   every gradient checkpointing mode vs "off", four families (MiniLM, ModernBERT, EmbeddingGemma,
         Qwen3-0.6B), LoRA r=16: embedding cosine and the largest relative LoRA-gradient error, next
@@ -13,10 +13,12 @@ peaks   the #8 cell (EmbeddingGemma, 64 pairs of long documents, max_seq_length 
         one forward + backward per mode, LoRA and QLoRA (weights included, optimizer excluded)
 cached  bert-base: CachedMultipleNegativesRankingLoss gradients vs MultipleNegativesRankingLoss through
         fastst (CUDA graphs on), then a few cached steps (graphs captured in both passes?)
+cached_exact  bert-base LoRA with moved adapters: CachedMNRL's gradients vs MNRL's with the exact
+        (default) and the merged first pass
 cached_amp  the same with fp32 weights under bf16 autocast (graphs captured under autocast), and
         against stock's CachedMultipleNegativesRankingLoss under the same autocast
-lora_merge  encode of a LoRA model (bert-base, Qwen3-0.6B) with the no-gradient merged LoRA forward,
-        unmerged, and through stock peft
+lora_merge  encode of a LoRA model (bert-base, Qwen3-0.6B) with the no-gradient merged LoRA forward
+        (under inference mode: encode), unmerged, and through stock peft
 qlora   EmbeddingGemma nf4: the fast path (fused, de-quantizing inside the LoRA node) vs peft's own
         bitsandbytes forward (enable_fast(kernels="off")), per checkpointing mode
 
@@ -315,6 +317,50 @@ def cached():
     finally:
         os.environ.pop("FASTST_CACHED_KEEP_FIRST", None)
         cached_losses._keep_first_mode = decide
+        model = None
+        _free()
+
+
+def cached_exact():
+    """Does CachedMNRL's first pass embed with the model its replay differentiates? bert-base LoRA with
+    adapters that moved (B ~ N(0, 1e-3): updates of the order of half a bf16 step of W), bf16, CUDA
+    graphs on: MNRL's gradients (the reference; twice, for the run-to-run noise) against CachedMNRL
+    with the exact first pass (default) and with the merged one (FASTST_LORA_MERGE_NO_GRAD=1)."""
+    from sentence_transformers.sentence_transformer import losses
+
+    try:
+        model = _build("bert-base", _n(256, 64), lora_r=32, cuda_graphs=True)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_((torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype))
+        qs, ds = _texts(_n(512, 8))
+        features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
+        mnrl = losses.MultipleNegativesRankingLoss(model)
+        _loss_step(model, features, mnrl, True)
+        ref_loss, ref = _loss_step(model, features, mnrl, True)
+        _, again = _loss_step(model, features, mnrl, True)
+        rec = {"check": "cached_exact", "model": "bert-base", "pairs": len(qs), "loss_mnrl": ref_loss,
+               "mnrl_vs_mnrl_grad_rel_err": _max_rel_err(again, ref)}
+        for label, setting in (("exact", None), ("merged", "1")):
+            if setting is not None:
+                os.environ["FASTST_LORA_MERGE_NO_GRAD"] = setting
+            try:
+                cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=_n(32, 2))
+                _loss_step(model, features, cm, False)  # graphs captured
+                loss, grads = _loss_step(model, features, cm, False)
+            finally:
+                os.environ.pop("FASTST_LORA_MERGE_NO_GRAD", None)
+            rec[f"loss_cached_{label}"] = loss
+            rec[f"{label}_vs_mnrl_grad_rel_err"] = _max_rel_err(grads, ref)
+            rec[f"{label}_vs_mnrl_loss_abs_diff"] = abs(loss - ref_loss)
+        rec["ok"] = rec["exact_vs_mnrl_grad_rel_err"] <= max(4 * rec["mnrl_vs_mnrl_grad_rel_err"], 3e-2)
+        _emit(rec)
+    except Exception as exc:
+        traceback.print_exc()
+        _emit({"check": "cached_exact", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
         model = None
         _free()
 

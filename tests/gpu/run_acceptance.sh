@@ -52,7 +52,8 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
-#   bash tests/gpu/run_acceptance.sh thirteenth  (not run yet) LoRA parity with today's defaults; does CachedMNRL's
+#   bash tests/gpu/run_acceptance.sh fourteenth   issue #8's cell in full fine-tuning; LoRA with the exact first pass
+#   bash tests/gpu/run_acceptance.sh thirteenth  (run in the thirteenth session) LoRA parity with today's defaults; does CachedMNRL's
 #                                             merged no-gradient first pass drift from stock's trajectory?
 # Several stages may be named in one call (bash tests/gpu/run_acceptance.sh cachedphases tenth).
 #   bash tests/gpu/run_acceptance.sh diag     bf16 parity of Gemma3/Qwen3 against an fp32 copy too;
@@ -412,6 +413,26 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+fourteenth)  # issue #8's cached-vs-plain cell in full fine-tuning (sentence-transformers' default training mode;
+             # every earlier session timed LoRA only), plain MNRL at 1,024 / 2,048 / 3,072 pairs to find the
+             # largest batch that fits 80 GB; then LoRA with the exact (unmerged) first pass, now the default,
+             # against the merged one (FASTST_LORA_MERGE_NO_GRAD=1) and plain MNRL, one process
+  stage full-cached; timeout 240 $B train --mode full --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile \
+    --models bert-base --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 --contenders stock,fastst \
+    --out $R/full > $R/full.log 2>&1
+  for n in 1024 2048 3072; do stage full-plain-$n
+    timeout 120 $B train --mode full --no-dropout --steps 4 --repeats 3 --warmup 8 --no-profile --models bert-base \
+      --batch-size $n --contenders fastst --out $R/full-plain-$n > $R/full-plain-$n.log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory" $R/full*.log >> $R/timeline.txt
+  stage lora-cached; cached_vs_plain lora-cached fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=1 200
+  ;;
+profile8full)  # issue #8 in full fine-tuning: the kernels of CachedMNRL's step and of plain MNRL's (1,024 pairs)
+  stage prof-cached-full; OUT=$R timeout 200 python3 tests/gpu/profile_step.py bert-base --mode full --batch-size 1024 \
+    --steps 4 --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached-full > $R/prof-cached.log 2>&1
+  stage prof-plain-full; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --mode full --batch-size 1024 \
+    --steps 4 --tag=-plain-full > $R/prof-plain.log 2>&1
   ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)

@@ -77,9 +77,10 @@ def test_dropout_uses_one_mask_for_forward_and_backward():
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_no_grad_forward_merges_the_adapter_when_it_pays(monkeypatch, quantized):
-    """Without gradients and with enough tokens the adapter is folded into the weight
-    (``x (W + s B A)ᵀ + b``): the same values as the unmerged node; few tokens, gradients or
-    ``FASTST_LORA_MERGE_NO_GRAD=0`` keep the unmerged node."""
+    """Under inference mode and with enough tokens the adapter is folded into the weight
+    (``x (W + s B A)ᵀ + b``): the same values as the unmerged node; few tokens, gradients, a
+    training pass without gradients (a cached loss's first pass: plain ``no_grad``) or
+    ``FASTST_LORA_MERGE_NO_GRAD=0`` keep the unmerged node; ``=1`` merges under ``no_grad`` too."""
     calls = []
     merged = L._merged_forward
     monkeypatch.setattr(L, "_merged_forward", lambda *a: calls.append(1) or merged(*a))
@@ -91,19 +92,27 @@ def test_no_grad_forward_merges_the_adapter_when_it_pays(monkeypatch, quantized)
     def run(x_):
         return L.lora_linear(x_, None if quantized else w, b, a, bm, 0.7, **kwargs)
 
-    with torch.no_grad():
+    with torch.inference_mode():
+        torch.testing.assert_close(run(x), want)
+    assert calls == [1]
+    with torch.no_grad():  # a training pass without gradients: exact, unmerged
         torch.testing.assert_close(run(x), want)
     assert calls == [1]
     # 40 tokens x (6 + 2*5) >= 4 x 5 x 6 merges; 7 tokens do not.
-    assert L.merge_pays(x[:8].detach(), w, None, a.detach(), bm.detach()) is True
-    assert L.merge_pays(x[:7].detach(), w, None, a.detach(), bm.detach()) is False
-    with torch.no_grad():
+    with torch.inference_mode():
+        assert L.merge_pays(x[:8].detach(), w, None, a.detach(), bm.detach()) is True
+        assert L.merge_pays(x[:7].detach(), w, None, a.detach(), bm.detach()) is False
         torch.testing.assert_close(run(x[:7]), want[:7])
+    assert calls == [1]
     torch.testing.assert_close(run(x).detach(), want)  # with gradients: the node
-    monkeypatch.setenv("FASTST_LORA_MERGE_NO_GRAD", "0")
+    monkeypatch.setenv("FASTST_LORA_MERGE_NO_GRAD", "1")
     with torch.no_grad():
         torch.testing.assert_close(run(x), want)
-    assert calls == [1]
+    assert calls == [1, 1]
+    monkeypatch.setenv("FASTST_LORA_MERGE_NO_GRAD", "0")
+    with torch.inference_mode():
+        torch.testing.assert_close(run(x), want)
+    assert calls == [1, 1]
     torch.testing.assert_close(frozen, w.detach())  # the base weight is never written
 
 
