@@ -94,6 +94,18 @@ def main() -> None:
             train_step(run)
         _sync()
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30), file=out)
+    # Every row (kernels and ops) per step, for diffing two cells: {name: [calls, self GPU us]}.
+    per_step = {}
+    for e in p.key_averages():
+        gpu = getattr(e, "self_device_time_total", None)
+        if gpu is None:
+            gpu = getattr(e, "self_cuda_time_total", 0.0)
+        if gpu > 0:
+            per_step[e.key] = [e.count / 5, round(gpu / 5, 1)]
+    import json
+
+    with open(os.path.join(os.environ.get("OUT", "."), f"kernels-{args.model}-{args.mode}-{args.contender}{args.tag}.json"), "w") as f:
+        json.dump(per_step, f, indent=0, sort_keys=True)
     if args.stacks:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as p:
             for _ in range(3):

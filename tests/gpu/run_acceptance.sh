@@ -434,6 +434,18 @@ profile8full)  # issue #8 in full fine-tuning: the kernels of CachedMNRL's step 
   stage prof-plain-full; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --mode full --batch-size 1024 \
     --steps 4 --tag=-plain-full > $R/prof-plain.log 2>&1
   ;;
+replaydiff)  # issue #8: why CachedMNRL's replay (every mini-batch embedded again with gradients, ~16k tokens each)
+            # costs more than plain MNRL's whole 1,024-pair step: per-kernel GPU time per step of both (JSON, all
+            # rows), the cached step's phases with the exact first pass, and cached vs MNRL gradients with moved adapters
+  stage prof-cached; OUT=$R timeout 150 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --extra '--loss cached-mnrl --mini-batch-size 64' --tag=-cached > $R/prof-cached.log 2>&1
+  stage prof-plain; OUT=$R timeout 120 python3 tests/gpu/profile_step.py bert-base --batch-size 1024 --steps 4 \
+    --tag=-plain > $R/prof-plain.log 2>&1
+  stage phases; OUT=$R timeout 150 python3 tests/gpu/cached_phases.py --steps 4 --contenders fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=1 \
+    > $R/cached-phases.log 2>&1
+  stage cached-exact; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached_exact > $R/memory_checks.log 2>&1
+  grep -h '^{' $R/cached-phases.log $R/memory_checks.log >> $R/timeline.txt
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
