@@ -446,6 +446,19 @@ replaydiff)  # issue #8: why CachedMNRL's replay (every mini-batch embedded agai
   stage cached-exact; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached_exact > $R/memory_checks.log 2>&1
   grep -h '^{' $R/cached-phases.log $R/memory_checks.log >> $R/timeline.txt
   ;;
+densegrads)  # graphed steps' static gradients made dense (a fused Q/K/V's LoRA B slices sent the replay's multi-tensor
+            # copy down the per-tensor slow path): LoRA parity with graphs, cached gradients (mini-batch accumulation),
+            # MiniLM's host profile, the LoRA 256 cells of issue #5
+  stage lora-parity; OUT=$R timeout 100 python3 tests/gpu/gpu_checks.py lora minilm bert-base > $R/lora-parity.log 2>&1
+  grep '^{' $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'), r.get('error',''))" >> $R/timeline.txt
+  stage cached; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached cached_exact > $R/memory_checks.log 2>&1
+  grep -h '^{' $R/memory_checks.log | cut -c1-400 >> $R/timeline.txt
+  stage profile-minilm; OUT=$R timeout 80 python3 tests/gpu/profile_step.py minilm --steps 30 --tag=-dense > $R/prof.log 2>&1
+  head -2 $R/profile-minilm-*.txt >> $R/timeline.txt; grep "_foreach_mul\|aten::mul " $R/profile-minilm-*.txt | cut -c1-120 >> $R/timeline.txt
+  stage train; timeout 120 $B train $T --models minilm,bert-base --contenders stock,fastst --out $R/train > $R/train.log 2>&1
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
