@@ -83,6 +83,19 @@ def _free():
         torch.cuda.empty_cache()
 
 
+def _guarded(check: str, body, **ids) -> None:
+    """Run one check's ``body`` (one model's, or a whole check's): an exception becomes an error
+    record instead of hiding the checks after it, and the body's models (its locals, released when
+    it returns or its traceback is dropped) are freed before the next one is built."""
+    try:
+        body()
+    except Exception as exc:
+        traceback.print_exc()
+        _emit({"check": check, **ids, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        _free()
+
+
 def _texts(n, long_len=None, offset=0):
     from fastst_plugin.bench.data import load_pairs, long_documents
 
@@ -149,7 +162,7 @@ def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b"
 
     check = "graph-modes" if cuda_graphs else "modes"
     for key in keys:
-        try:
+        def one(key=key):
             model = _build(key, _n(512, 64), cuda_graphs=cuda_graphs)
             qs, ds = _texts(_n(32, 4), long_len=_n(512, 64))
             features = _to_dev(model.preprocess(qs + ds))
@@ -173,12 +186,8 @@ def modes(keys=("minilm", "modernbert-base", "embeddinggemma-300m", "qwen3-0.6b"
                        "tokens": int(features["attention_mask"].sum()),
                        "peak_gb_above_model": round(got[2], 3), "peak_gb_off": round(ref[2], 3),
                        "ms": round(got[4] * 1000, 1), "ms_off": round(ref[4] * 1000, 1)})
-        except Exception as exc:  # one model's failure must not hide the others
-            traceback.print_exc()
-            _emit({"check": check, "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            model = None
-            _free()
+
+        _guarded(check, one, model=key)
 
 
 def graph_modes():
@@ -193,7 +202,7 @@ def yardstick(keys=("embeddinggemma-300m", "qwen3-0.6b"), modes_=("off", "offloa
     import fastst_plugin
 
     for key in keys:
-        try:
+        def one(key=key):
             model = _build(key, _n(512, 64))
             qs, ds = _texts(_n(32, 4), long_len=_n(512, 64))
             features = _to_dev(model.preprocess(qs + ds))
@@ -210,12 +219,8 @@ def yardstick(keys=("embeddinggemma-300m", "qwen3-0.6b"), modes_=("off", "offloa
                 ok = err <= 1.05 * errs["off"][1]  # no further from fp32 than bf16 "off"
                 _emit({"check": "yardstick", "model": key, "mode": mode, "ok": ok, "cos_vs_fp32": cos,
                        "grad_rel_err_vs_fp32": err, "worst": worst})
-        except Exception as exc:
-            traceback.print_exc()
-            _emit({"check": "yardstick", "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            model = None
-            _free()
+
+        _guarded("yardstick", one, model=key)
 
 
 def peaks():
@@ -224,7 +229,7 @@ def peaks():
 
     qs, ds = _texts(_n(64, 4), long_len=_n(1024, 64))
     for quantization, mode_list in ((None, MODES), ("4bit", ("layer", "selective", "offload"))):
-        try:
+        def one(quantization=quantization, mode_list=mode_list):
             model = _build("embeddinggemma-300m", _n(1024, 64), lora_r=32, quantization=quantization)
             features = _to_dev(model.preprocess(qs + ds))
             resident = _allocated() / 1e9
@@ -236,12 +241,8 @@ def peaks():
                        "tokens": int(features["attention_mask"].sum()), "resident_gb": round(resident, 3),
                        "peak_gb_total": round(got[3], 3), "peak_gb_above_resident": round(got[2], 3),
                        "ms": round(got[4] * 1000, 1)})
-        except Exception as exc:
-            traceback.print_exc()
-            _emit({"check": "peaks", "quantization": quantization, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            model = None
-            _free()
+
+        _guarded("peaks", one, quantization=quantization)
 
 
 def _loss_step(model, features, loss_fn, plain, autocast=None):
@@ -272,53 +273,51 @@ def cached():
 
     decide = cached_losses._keep_first_mode
 
-    try:
-        model = _build("bert-base", _n(256, 64), cuda_graphs=True)
-        qs, ds = _texts(_n(256, 8))
-        features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
+    def body():
+        try:
+            model = _build("bert-base", _n(256, 64), cuda_graphs=True)
+            qs, ds = _texts(_n(256, 8))
+            features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
 
-        def step(loss_fn, plain):
-            return _loss_step(model, features, loss_fn, plain)
+            def step(loss_fn, plain):
+                return _loss_step(model, features, loss_fn, plain)
 
-        mnrl = losses.MultipleNegativesRankingLoss(model)
-        step(mnrl, True)
-        ref_loss, ref = step(mnrl, True)
-        _, again = step(mnrl, True)
-        noise = _max_rel_err(again, ref)
-        modes_seen = []
-        cached_losses._keep_first_mode = lambda *a: modes_seen.append(decide(*a)) or modes_seen[-1]
-        # keep: FASTST_CACHED_KEEP_FIRST ("graph" forces the first mini-batch's graph kept in the pool,
-        # which "auto" picks only when the rest of the first pass is eager anyway: 1,024 pairs)
-        for mbs, ckpt, keep in ((_n(32, 2), "off", "auto"), (_n(8, 1), "off", "auto"), (_n(32, 2), "layer", "auto"),
-                                (_n(32, 2), "off", "graph"), (_n(64, 2), "off", "graph")):
-            os.environ["FASTST_CACHED_KEEP_FIRST"] = keep
-            modes_seen.clear()
-            fastst_plugin.enable_fast(model, gradient_checkpointing=ckpt)
-            cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
-            loss, grads = step(cm, False)
-            err = _max_rel_err(grads, ref)
-            times = []
-            for _ in range(3):  # more steps: graphs captured for recurring buckets
-                t0 = time.perf_counter()
-                step(cm, False)
-                times.append(time.perf_counter() - t0)
-            graphed = fastst_plugin.api.get_state(model).encoder.graphed
-            _emit({"check": "cached", "model": "bert-base", "pairs": len(qs), "mini_batch_size": mbs, "checkpointing": ckpt,
-                   "keep_first_setting": keep, "keep_first_modes": [str(m) for m in modes_seen],
-                   "ok": abs(loss - ref_loss) <= 2e-2 * abs(ref_loss) and err <= max(4 * noise, 3e-2),
-                   "loss_mnrl": ref_loss, "loss_cached": loss, "grad_rel_err_max": err, "mnrl_vs_mnrl_grad_rel_err": noise,
-                   "graphs_captured": len(graphed.graphs) if graphed else 0,
-                   "graphs_disabled": graphed.disabled_reason if graphed else None,
-                   "step_ms": [round(t * 1000, 1) for t in times]})
-        fastst_plugin.enable_fast(model, gradient_checkpointing="off")
-    except Exception as exc:
-        traceback.print_exc()
-        _emit({"check": "cached", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        os.environ.pop("FASTST_CACHED_KEEP_FIRST", None)
-        cached_losses._keep_first_mode = decide
-        model = None
-        _free()
+            mnrl = losses.MultipleNegativesRankingLoss(model)
+            step(mnrl, True)
+            ref_loss, ref = step(mnrl, True)
+            _, again = step(mnrl, True)
+            noise = _max_rel_err(again, ref)
+            modes_seen = []
+            cached_losses._keep_first_mode = lambda *a: modes_seen.append(decide(*a)) or modes_seen[-1]
+            # keep: FASTST_CACHED_KEEP_FIRST ("graph" forces the first mini-batch's graph kept in the pool,
+            # which "auto" picks only when the rest of the first pass is eager anyway: 1,024 pairs)
+            for mbs, ckpt, keep in ((_n(32, 2), "off", "auto"), (_n(8, 1), "off", "auto"), (_n(32, 2), "layer", "auto"),
+                                    (_n(32, 2), "off", "graph"), (_n(64, 2), "off", "graph")):
+                os.environ["FASTST_CACHED_KEEP_FIRST"] = keep
+                modes_seen.clear()
+                fastst_plugin.enable_fast(model, gradient_checkpointing=ckpt)
+                cm = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mbs)
+                loss, grads = step(cm, False)
+                err = _max_rel_err(grads, ref)
+                times = []
+                for _ in range(3):  # more steps: graphs captured for recurring buckets
+                    t0 = time.perf_counter()
+                    step(cm, False)
+                    times.append(time.perf_counter() - t0)
+                graphed = fastst_plugin.api.get_state(model).encoder.graphed
+                _emit({"check": "cached", "model": "bert-base", "pairs": len(qs), "mini_batch_size": mbs, "checkpointing": ckpt,
+                       "keep_first_setting": keep, "keep_first_modes": [str(m) for m in modes_seen],
+                       "ok": abs(loss - ref_loss) <= 2e-2 * abs(ref_loss) and err <= max(4 * noise, 3e-2),
+                       "loss_mnrl": ref_loss, "loss_cached": loss, "grad_rel_err_max": err, "mnrl_vs_mnrl_grad_rel_err": noise,
+                       "graphs_captured": len(graphed.graphs) if graphed else 0,
+                       "graphs_disabled": graphed.disabled_reason if graphed else None,
+                       "step_ms": [round(t * 1000, 1) for t in times]})
+            fastst_plugin.enable_fast(model, gradient_checkpointing="off")
+        finally:
+            os.environ.pop("FASTST_CACHED_KEEP_FIRST", None)
+            cached_losses._keep_first_mode = decide
+
+    _guarded("cached", body)
 
 
 def cached_exact():
@@ -328,7 +327,7 @@ def cached_exact():
     with the exact first pass (default) and with the merged one (FASTST_LORA_MERGE_NO_GRAD=1)."""
     from sentence_transformers.sentence_transformer import losses
 
-    try:
+    def body():
         model = _build("bert-base", _n(256, 64), lora_r=32, cuda_graphs=True)
         gen = torch.Generator(device="cpu").manual_seed(0)
         with torch.no_grad():
@@ -357,12 +356,8 @@ def cached_exact():
             rec[f"{label}_vs_mnrl_loss_abs_diff"] = abs(loss - ref_loss)
         rec["ok"] = rec["exact_vs_mnrl_grad_rel_err"] <= max(4 * rec["mnrl_vs_mnrl_grad_rel_err"], 3e-2)
         _emit(rec)
-    except Exception as exc:
-        traceback.print_exc()
-        _emit({"check": "cached_exact", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        model = None
-        _free()
+
+    _guarded("cached_exact", body)
 
 
 def lora_merge():
@@ -373,7 +368,7 @@ def lora_merge():
     import fastst_plugin
 
     for key in ("bert-base", "qwen3-0.6b"):
-        try:
+        def one(key=key):
             model = _build(key, 256)
             model.eval()
             qs, ds = _texts(_n(512, 8))
@@ -403,12 +398,8 @@ def lora_merge():
                    "merged_vs_unmerged": cos_stats(merged, unmerged)}
             rec["ok"] = rec["merged_vs_stock"]["min"] >= min(0.999, rec["unmerged_vs_stock"]["min"] - 1e-3)
             _emit(rec)
-        except Exception as exc:
-            traceback.print_exc()
-            _emit({"check": "lora_merge", "model": key, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            model = None
-            _free()
+
+        _guarded("lora_merge", one, model=key)
 
 
 def cos_stats(a, b):
@@ -424,7 +415,7 @@ def cached_amp():
     import fastst_plugin
     from sentence_transformers.sentence_transformer import losses
 
-    try:
+    def body():
         model = _build("bert-base", _n(256, 64), cuda_graphs=True, dtype=torch.float32)
         qs, ds = _texts(_n(256, 8))
         features = [_to_dev(model.preprocess(qs)), _to_dev(model.preprocess(ds))]
@@ -458,12 +449,8 @@ def cached_amp():
                         and record["grad_rel_err_max"] <= max(4 * noise, 3e-2)
                         and record["fast_vs_stock_cached_grad_rel_err"] <= max(4 * noise, 3e-2))
         _emit(record)
-    except Exception as exc:
-        traceback.print_exc()
-        _emit({"check": "cached_amp", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        model = None
-        _free()
+
+    _guarded("cached_amp", body)
 
 
 def qlora():
@@ -474,7 +461,7 @@ def qlora():
     except Exception as exc:
         _emit({"check": "qlora", "ok": False, "error": f"bitsandbytes not importable: {exc!r}"})
         return
-    try:
+    def body():
         qs, ds = _texts(_n(16, 4), long_len=_n(256, 64))
         ref_model = _build("embeddinggemma-300m", _n(256, 64), quantization="4bit", kernels="off")
         features = _to_dev(ref_model.preprocess(qs + ds))
@@ -490,12 +477,8 @@ def qlora():
             _emit({"check": "qlora", "model": "embeddinggemma-300m", "mode": mode, "ok": cos >= 0.999 and err <= 5e-2 and not missing,
                    "cos_min_vs_peft": cos, "grad_rel_err_max_vs_peft": err, "worst": worst, "missing": missing,
                    "peak_gb_above_model": round(got[2], 3), "ms": round(got[4] * 1000, 1), "ms_peft": round(ref[4] * 1000, 1)})
-    except Exception as exc:
-        traceback.print_exc()
-        _emit({"check": "qlora", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
-    finally:
-        model = ref_model = None
-        _free()
+
+    _guarded("qlora", body)
 
 
 if __name__ == "__main__":
