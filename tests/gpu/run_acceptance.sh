@@ -459,6 +459,9 @@ for l in sys.stdin:
   head -2 $R/profile-minilm-*.txt >> $R/timeline.txt; grep "_foreach_mul\|aten::mul " $R/profile-minilm-*.txt | cut -c1-120 >> $R/timeline.txt
   stage train; timeout 120 $B train $T --models minilm,bert-base --contenders stock,fastst --out $R/train > $R/train.log 2>&1
   ;;
+final13)  # issue #8's LoRA cell with the thirteenth session's final defaults (exact first pass, dense graphed gradients)
+  stage cached; cached_vs_plain final fastst 150
+  ;;
 plainbatch)  # issue #8 compares against plain MNRL "at the largest batch that fits"; plain at 1,024 pairs
              # peaks at 20.9 GB, so time plain at 2,048 and 3,072 pairs too (pairs/s is the column to compare)
   for n in 2048 3072; do stage plain-$n
