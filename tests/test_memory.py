@@ -502,6 +502,35 @@ def test_cached_mnrl_gradients_equal_mnrl(tmp_path, family):
         assert [c[:2] for c in second] == [c[:2] for c in first[1:]] and all(c[2] for c in second)
 
 
+def test_cached_first_pass_embeds_with_the_unmerged_adapter(tmp_path, monkeypatch):
+    """A cached loss's first pass (no gradients, but training) runs the exact LoRA node, never the
+    adapter merged into a temporary weight: in bf16 the merge drops small adapter updates, and the
+    first pass must embed with the model its replay differentiates. ``encode`` (inference mode)
+    still merges; ``FASTST_LORA_MERGE_NO_GRAD=1`` merges in the first pass too."""
+    from sentence_transformers.sentence_transformer import losses
+
+    from fastst_plugin.kernels import lora as lora_kernels
+
+    model = _build(tmp_path, "bert", lora=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)  # adapters that moved: a merge would change the weights
+    merges = []
+    merged = lora_kernels._merged_forward
+    monkeypatch.setattr(lora_kernels, "_merged_forward", lambda *a: merges.append(1) or merged(*a))
+    monkeypatch.setattr(lora_kernels, "MERGE_TRAFFIC_RATIO", 0)  # any token count would pay (tiny model)
+    loss_fn = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2)
+    _mnrl_grads(model, loss_fn, cached=True)
+    assert merges == []
+    model.encode(DOCS)
+    assert merges, "encode() of an unmerged LoRA model merges under inference mode"
+    merges.clear()
+    monkeypatch.setenv("FASTST_LORA_MERGE_NO_GRAD", "1")
+    _mnrl_grads(model, loss_fn, cached=True)
+    assert merges
+
+
 @pytest.mark.parametrize("family", ["bert", "qwen3"])
 def test_cached_first_pass_in_larger_chunks(tmp_path, monkeypatch, family):
     # Without dropout, the first pass embeds several mini-batches per forward (first_pass_budget_factor
