@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import threading
 import weakref
 from collections import deque
 
 import torch
+
+from .config import env_switch
 
 _SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastst_checkpointing_suspended", default=False)
 
@@ -78,19 +79,19 @@ _RECOMPUTED = object()
 
 def recompute_activation_enabled() -> bool:
     """``FASTST_RECOMPUTE_ACTIVATION=0`` stores the MLP activation's output as stock does."""
-    return os.environ.get("FASTST_RECOMPUTE_ACTIVATION", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_RECOMPUTE_ACTIVATION")
 
 
 def recompute_norm_enabled() -> bool:
     """``FASTST_RECOMPUTE_NORM=0`` stores the norm outputs the next projection saves (default: they are
     recomputed in backward, ~2 x hidden values per token per layer for one norm kernel each)."""
-    return os.environ.get("FASTST_RECOMPUTE_NORM", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_RECOMPUTE_NORM")
 
 
 def recompute_rope_enabled() -> bool:
     """``FASTST_RECOMPUTE_ROPE=0`` stores the rotated (and q/k-normed) queries and keys the attention
     saves (default: recomputed in backward from the projection's output, which stays alive anyway)."""
-    return os.environ.get("FASTST_RECOMPUTE_ROPE", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_RECOMPUTE_ROPE")
 
 
 @contextlib.contextmanager

@@ -116,6 +116,12 @@ _NORMALIZERS = {
 }
 
 
+
+def env_switch(name: str) -> bool:
+    """A ``FASTST_*`` on/off switch that is on unless set to ``0``, ``false``, ``off`` or ``no``
+    (read at each call, so a process can A/B it)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
 def env_defaults() -> dict[str, Any]:
     """Option defaults taken from ``FASTST_*`` environment variables."""
     out: dict[str, Any] = {}

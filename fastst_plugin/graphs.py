@@ -56,8 +56,9 @@ import weakref
 import numpy as np
 import torch
 
+from .config import env_switch
 from .log import logger, warn_once
-from .packing import HostPack, PackedBatch, host_to_device
+from .packing import HostPack, PackedBatch
 
 
 # An inference bucket is captured on its second sighting: encode's budget batches fall into a few
@@ -209,7 +210,7 @@ def _is_large(key: tuple) -> bool:
 
 def _large_graphs_allowed() -> bool:
     """``FASTST_LARGE_GRAPHS=0`` keeps training steps over GRAPH_MAX_TOKENS eager (read per capture)."""
-    return os.environ.get("FASTST_LARGE_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_LARGE_GRAPHS")
 
 
 class _NoRoom(RuntimeError):
@@ -352,7 +353,7 @@ def _autocast_graphs() -> bool:
     bert-base and the real MiniLM): graphed, replayed and eager steps give the same embeddings
     (cosine ≥ 0.999995 vs stock) and the same gradients (max relative error vs stock 0.0037 /
     0.0021 in all three); bert-base LoRA 64 pairs 13.3 ms graphed vs 61.0 ms eager (9.41× stock)."""
-    return os.environ.get("FASTST_AUTOCAST_GRAPHS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_AUTOCAST_GRAPHS")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import env_switch
 from .kernels.lora import lora_linear
 
 try:  # peft is a dependency, but keep the fast path importable without it
@@ -214,7 +215,7 @@ def _frozen_as_blocks(weights) -> bool:
 def _graphs_read_cached_cat() -> bool:
     """``FASTST_GRAPH_CACHED_CAT=0``: graphs concatenate frozen weights at every replay (as before
     2026-11-29's eleventh session; for A/B runs). Read at capture time."""
-    return os.environ.get("FASTST_GRAPH_CACHED_CAT", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_GRAPH_CACHED_CAT")
 
 
 def _stacked(fns) -> torch.Tensor:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 
 import torch
 
+from .config import env_switch
 from .pooling import l2_normalize_backward
 
 _EPS = 1e-12  # F.normalize's default, what Sentence Transformers' normalize_embeddings uses
@@ -90,7 +90,7 @@ class _CosSim(torch.autograd.Function):
 
 
 def _enabled() -> bool:
-    return os.environ.get("FASTST_FUSED_SIMILARITY", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_FUSED_SIMILARITY")
 
 
 @contextlib.contextmanager

@@ -59,6 +59,7 @@ import os
 import threading
 from collections.abc import Mapping
 
+from .config import env_switch
 from .log import logger
 from .patching import _MISSING, PatchSet
 
@@ -444,7 +445,7 @@ def _fast_on_cuda(trainer) -> bool:
 
 def _overlap_wanted(trainer) -> bool:
     """The overlapped step is on for fast models on CUDA unless ``FASTST_TRAINER_OVERLAP=0``."""
-    if os.environ.get("FASTST_TRAINER_OVERLAP", "1").strip().lower() in ("0", "false", "off", "no"):
+    if not env_switch("FASTST_TRAINER_OVERLAP"):
         return False
     return _fast_on_cuda(trainer)
 
@@ -549,7 +550,7 @@ def _ignore_unread_params_in_ddp(trainer) -> None:
     model = getattr(trainer, "model", None)
     if model is None or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    if hasattr(model, _DDP_IGNORE) or os.environ.get("FASTST_DDP_IGNORE_UNREAD", "1").strip().lower() in ("0", "false", "off", "no"):
+    if hasattr(model, _DDP_IGNORE) or not env_switch("FASTST_DDP_IGNORE_UNREAD"):
         return  # the user's own list, or asked not to
     unread = _params_the_fast_path_never_reads(model)
     if unread:

@@ -57,6 +57,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..config import env_switch
 from ._backend import interpreter_on, next_power_of_2, triton_available, use_triton
 
 MAX_HEAD_DIM = 128
@@ -353,7 +354,7 @@ def _block_map_on() -> bool:
     """Each program reads its (sequence, block) from a map (``_block_map``) instead of scanning all N
     sequence boundaries (``_locate``: a ``BLOCK_SEQS``-wide cumsum per program, 4,096 wide for a
     1,024-pair MNRL step). ``FASTST_ATTN_BLOCK_MAP=0`` restores the scan (and its ``MAX_SEQS`` limit)."""
-    return os.environ.get("FASTST_ATTN_BLOCK_MAP", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("FASTST_ATTN_BLOCK_MAP")
 
 
 # One map per (cu_seqlens, grid, block) for the duration of one encoder forward: every layer of a
