@@ -85,6 +85,9 @@ LARGE_GRAPH_MARGIN_BYTES = 2 << 30
 # between training steps must not take the training buckets' places.
 MAX_GRAPHS = 8
 MAX_NO_GRAD_GRAPHS = 8
+# A step whose bucket has no graph (and may not get one now) replays the smallest captured larger
+# bucket it fits, up to this many times its own bucket's tokens (``GraphedEncoder._larger_captured``).
+FALLBACK_PADDING = 1.5
 
 
 # Every module or parameter registered anywhere (peft injecting adapters, a weight reassigned) bumps
@@ -448,6 +451,26 @@ class GraphedEncoder:
         cap = self.graphs.get(key)
         if cap is not None:
             return cap
+        cap = self._capture_if_allowed(key, hp, device)
+        return cap if cap is not None else self._larger_captured(key, hp)
+
+    def _larger_captured(self, key, hp: HostPack) -> "_Captured | None":
+        """The smallest captured graph of a larger bucket that ``hp`` fits, with everything else of
+        ``key`` equal, when ``key`` itself may not be captured (bucket slots used up, inside a backward
+        pass, not seen often enough yet), or None. Up to ``FALLBACK_PADDING`` x the bucket's tokens:
+        below GRAPH_MAX_TOKENS an eager step is host-bound (a bert-base mini-batch of ~14k tokens:
+        ~3x its graph's time), so a graph with extra padding is still far cheaper; larger steps are
+        GPU-bound eagerly and stay eager."""
+        if _is_large(key):
+            return None
+        best = None
+        for other, cap in self.graphs.items():
+            if (other[2:] == key[2:] and other[0] <= FALLBACK_PADDING * key[0] and cap.static.fits(hp)
+                    and (best is None or other[:2] < best[0][:2])):
+                best = (other, cap)
+        return None if best is None else best[1]
+
+    def _capture_if_allowed(self, key, hp: HostPack, device) -> "_Captured | None":
         grad = key[-1]
         if torch._C._current_graph_task_id() != -1:
             # Never capture inside a backward pass (a cached loss's replay): the engine's stream

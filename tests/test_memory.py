@@ -663,6 +663,19 @@ def test_token_budget_ranges_are_balanced():
     assert all(slice_host_pack(hp, b, e)[0].coarse_seq_buckets for b, e in ranges)
 
 
+def test_token_budget_ranges_fill_up_to_a_graph_bucket():
+    # 141 texts of 100 tokens, budget 5,120: three equal shares of 4,700 tokens each run in the
+    # 5,120-token CUDA-graph bucket (15,360 positions); filled to 5,120, the last mini-batch holds
+    # 3,900 tokens and runs in the 4,096 bucket (14,336 positions; four equal shares: 14,592).
+    from fastst_plugin.graphs import bucket_tokens
+
+    ids = torch.ones(141, 100, dtype=torch.long)
+    hp = host_pack(ids, torch.ones_like(ids), None)
+    ranges = token_budget_ranges(hp, 1, 5120)
+    assert ranges == [(0, 51), (51, 102), (102, 141)]
+    assert sum(bucket_tokens(100 * (e - b)) for b, e in ranges) == 14336
+
+
 def test_cached_columns_get_the_widest_columns_budget(tmp_path):
     # Queries get the documents' budget (mini_batch_size x the widest padded width of the call):
     # stock's largest mini-batch, so short queries run as few packed mini-batches.

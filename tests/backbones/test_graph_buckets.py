@@ -253,6 +253,36 @@ def test_large_training_buckets_are_captured_when_they_recur(monkeypatch):
     assert graphed.disabled_reason is None
 
 
+def test_a_step_without_its_graph_replays_a_larger_captured_bucket(monkeypatch):
+    # Bucket slots used up (or inside a backward pass, where nothing is captured): a step replays the
+    # smallest captured bucket it fits, up to FALLBACK_PADDING x its own bucket, instead of running
+    # eagerly (host-bound below GRAPH_MAX_TOKENS); further off, or for a large step, it stays eager.
+    from types import SimpleNamespace
+
+    from fastst_plugin import graphs
+
+    graphed, captured = _policy_encoder(monkeypatch)
+    monkeypatch.setattr(graphed, "_capture", lambda key, hp, device: SimpleNamespace(
+        static=_StaticBatch(key[0], key[1], 1024, torch.device("cpu"), False)))
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    for tokens in (12288, 9216):
+        assert graphed._get_or_capture(_key(tokens), None, "cuda") is graphed.graphs[_key(tokens)]
+
+    def pack(texts, length):
+        return host_pack(torch.ones(texts, length, dtype=torch.long), torch.ones(texts, length, dtype=torch.long))
+
+    hp = pack(100, 75)  # 7,500 tokens: bucket 7,680, whose slot is taken -> the 9,216 graph
+    assert graphed._get_or_capture(_key(bucket_tokens(7500)), hp, "cuda") is graphed.graphs[_key(9216)]
+    assert graphed._get_or_capture(_key(bucket_tokens(7500), grad=False), hp, "cuda") is None  # no such graph
+    hp = pack(50, 100)  # 5,000 tokens: 9,216 is over 1.5 x 5,120 -> eager
+    assert graphed._get_or_capture(_key(bucket_tokens(5000)), hp, "cuda") is None
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 8)
+    monkeypatch.setattr(torch._C, "_current_graph_task_id", lambda: 0)  # inside a backward pass
+    hp = pack(110, 100)  # 11,000 tokens: bucket 11,264 -> the 12,288 graph, nothing captured
+    assert graphed._get_or_capture(_key(bucket_tokens(11000)), hp, "cuda") is graphed.graphs[_key(12288)]
+    assert len(graphed.graphs) == 2
+
+
 def test_large_bucket_without_room_stays_eager_alone(monkeypatch):
     large = _key(65536)
     graphed, captured = _policy_encoder(monkeypatch, no_room={large})

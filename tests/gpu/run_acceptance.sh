@@ -52,6 +52,8 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh fifteenth    issue #8: cached mini-batches filled to graph buckets vs equal shares;
+#                                             plain MNRL at the largest batch an emulated 80 GB card holds
 #   bash tests/gpu/run_acceptance.sh fourteenth   issue #8's cell in full fine-tuning; LoRA with the exact first pass
 #   bash tests/gpu/run_acceptance.sh thirteenth  (run in the thirteenth session) LoRA parity with today's defaults; does CachedMNRL's
 #                                             merged no-gradient first pass drift from stock's trajectory?
@@ -413,6 +415,25 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+fifteenth)  # issue #8: cached mini-batches cut to fill CUDA-graph buckets (default) vs equal shares, A/B in one process,
+            # full fine-tuning and LoRA; plain MNRL at 3,072 / 3,584 (full) and 3,072 / 4,096 (LoRA) pairs on an
+            # emulated 80 GB card: the largest batch that fits the issue's card
+  CELL="--no-dropout --steps 4 --repeats 3 --no-profile --models bert-base"
+  AB=fastst,fastst+FASTST_CACHED_CUTS=balanced
+  stage full-cached; timeout 150 $B train --mode full $CELL --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders $AB --out $R/full > $R/full.log 2>&1
+  for n in 3072 3584; do stage full-plain-$n
+    timeout 100 python3 tests/gpu/emulate_card.py --gib 79 -- train --mode full $CELL --warmup 8 --batch-size $n \
+      --contenders fastst --out $R/full-plain-$n > $R/full-plain-$n.log 2>&1
+  done
+  stage lora-cached; timeout 130 $B train $CELL --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders $AB --out $R/lora > $R/lora.log 2>&1
+  for n in 3072 4096; do stage lora-plain-$n
+    timeout 90 python3 tests/gpu/emulate_card.py --gib 79 -- train $CELL --warmup 8 --batch-size $n \
+      --contenders fastst --out $R/lora-plain-$n > $R/lora-plain-$n.log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory\|emulate_card\|without CUDA graphs" $R/full*.log $R/lora*.log >> $R/timeline.txt
   ;;
 fourteenth)  # issue #8's cached-vs-plain cell in full fine-tuning (sentence-transformers' default training mode;
              # every earlier session timed LoRA only), plain MNRL at 1,024 / 2,048 / 3,072 pairs to find the
