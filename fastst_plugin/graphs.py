@@ -330,10 +330,42 @@ class _StaticBatch:
 
 
 class _Captured:
-    def __init__(self, fwd, bwd, static: _StaticBatch, out, grad_out, params, grad_params):
+    """One bucket's graphs. Its parameter gradients come back either in ``grad_params`` (static
+    buffers of its own, overwritten by each replay) or, with a ``sink``, added by the backward graph
+    itself into the sink's slots for the parameters listed in ``used`` (indices into ``params``)."""
+
+    def __init__(self, fwd, bwd, static: _StaticBatch, out, grad_out, params, grad_params, sink=None, used=()):
         self.fwd, self.bwd, self.static = fwd, bwd, static
         self.out, self.grad_out = out, grad_out
         self.params, self.grad_params = params, grad_params
+        self.sink, self.used = sink, tuple(used)
+
+
+class _GradSink:
+    """One gradient buffer per trainable parameter, shared by every bucket's backward graph, which
+    adds its gradients into it (the add is part of the graph).
+
+    Why: with its own static gradient outputs, each captured bucket kept a full set of gradients
+    alive in the graph pool (bert-base full fine-tuning: 440 MB of fp32 per bucket; CachedMNRL's
+    mini-batches use five to eight buckets, which put fastst's peak above stock's), and the replay
+    then copied or added them into ``.grad`` outside the graph. With the sink the graph's gradient
+    temporaries go back to the pool after the capture (shared by all buckets like their
+    activations), and a slot becomes the parameter's ``.grad`` when that is None
+    (``_GraphedStepDirect``): later replays of the step accumulate into it in place, as
+    AccumulateGrad would. Like ``zero_grad(set_to_none=False)``, the same tensor serves as ``.grad``
+    from step to step: a reference kept to last step's ``.grad`` sees it zeroed at the next
+    backward. ``FASTST_GRAPH_GRAD_SINK=0``: static gradients per bucket, as before."""
+
+    def __init__(self, params: tuple):
+        self.params = params
+        self.slots = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+
+    def matches(self, params: tuple) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+
+def _grad_sink_on() -> bool:
+    return env_switch("FASTST_GRAPH_GRAD_SINK")
 
 
 def replays_possible(encoder, device) -> bool:
@@ -402,12 +434,14 @@ class GraphedEncoder:
         _watch_registrations()
         self._seen: dict[tuple, int] = {}
         self._no_room: set[tuple] = set()  # large buckets refused for memory (see LARGE_GRAPH_HEADROOM)
+        self._sink: _GradSink | None = None  # gradient slots shared by the buckets' backward graphs
 
     def release(self) -> None:
         """Drop every captured graph (their pool memory goes back once nothing else holds it)."""
         self.graphs.clear()
         self.pool = None
         self._pending = None
+        self._sink = None
 
     # -- eligibility ----------------------------------------------------------------------------
     def _eligible(self, hp: HostPack, device) -> bool:
@@ -424,6 +458,7 @@ class GraphedEncoder:
             # Parameters were replaced (.to(), a new state dict assigned, adapters added): the graphs
             # read the old storage, so drop them and capture again.
             self.graphs.clear()
+            self._sink = None
             self._signature = signature
         return True
 
@@ -578,19 +613,34 @@ class GraphedEncoder:
             with torch.set_grad_enabled(grad), _capture_autocast(amp):
                 with torch.cuda.graph(fwd, pool=self.pool, stream=side, capture_error_mode=mode):
                     out = self.encoder.forward_eager(packed)
-            bwd = grad_out = grad_params = None
+            bwd = grad_out = grad_params = sink = None
+            used = ()
             if grad and leaves and out.requires_grad:
                 grad_out = torch.empty_like(out)
+                sink = self._grad_sink(params) if _grad_sink_on() else None
                 bwd = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(bwd, pool=self.pool, stream=side, capture_error_mode=mode):
                     grad_params = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-                    # Dense static gradients: a fused projection's block-diagonal LoRA B hands each
-                    # module's B a strided slice of one gradient, and one non-dense tensor sends the
-                    # replay's multi-tensor copy / add (``_GraphedStepDirect.backward``) down the
-                    # per-tensor slow path (MiniLM LoRA: ~80 ``mul`` launches, ~0.7 ms of host time
-                    # per step). Copied here, inside the graph, only where a slice is strided.
-                    grad_params = tuple(None if g is None else g.contiguous() for g in grad_params)
-        return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params)
+                    if sink is not None:
+                        # Added into the shared sink inside the graph; the temporaries are not kept
+                        # (their blocks go back to the pool when the capture ends; see _GradSink).
+                        used = tuple(i for i, g in enumerate(grad_params) if g is not None)
+                        torch._foreach_add_([sink.slots[i] for i in used], [grad_params[i] for i in used])
+                        grad_params = None
+                    else:
+                        # Dense static gradients: a fused projection's block-diagonal LoRA B hands
+                        # each module's B a strided slice of one gradient, and one non-dense tensor
+                        # sends the replay's multi-tensor copy / add (``_GraphedStepDirect.backward``)
+                        # down the per-tensor slow path (MiniLM LoRA: ~80 ``mul`` launches, ~0.7 ms of
+                        # host time per step). Copied here, inside the graph, only where strided.
+                        grad_params = tuple(None if g is None else g.contiguous() for g in grad_params)
+        return _Captured(fwd, bwd, static, out.detach() if bwd is None else out, grad_out, params, grad_params, sink, used)
+
+    def _grad_sink(self, params: tuple) -> _GradSink:
+        """The sink shared by this encoder's buckets for ``params`` (a new one when they changed)."""
+        if self._sink is None or not self._sink.matches(params):
+            self._sink = _GradSink(params)
+        return self._sink
 
     # -- replay -----------------------------------------------------------------------------------
     def run(self, hp: HostPack, device) -> torch.Tensor | None:
@@ -681,6 +731,9 @@ class _GraphedStepDirect(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if ctx.cap.sink is not None:
+            _replay_into_sink(ctx, grad)
+            return None, None
         cap = _replay_backward(ctx, grad)
         fresh_p, fresh_g, acc_p, acc_g = [], [], [], []
         for p, g in zip(cap.params, cap.grad_params):
@@ -707,6 +760,33 @@ def _replay_forward(ctx, cap: _Captured) -> torch.Tensor:
     return cap.out.detach()
 
 
+def _replay_into_sink(ctx, grad) -> None:
+    """The backward graph replayed into the sink, which serves as ``.grad``: where a parameter's
+    ``.grad`` is None its slot is zeroed and becomes its ``.grad`` (the replay adds into it, and
+    later replays of the step accumulate there); where ``.grad`` already is its slot the replay
+    accumulates; where it is some other tensor (set by the user, or by an edges-mode step) the slot
+    is zeroed, and added into that tensor after the replay."""
+    cap = ctx.cap
+    slots = cap.sink.slots
+    zero, foreign, foreign_slots = [], [], []
+    for i in cap.used:
+        p, slot = cap.params[i], slots[i]
+        g = p.grad
+        if g is slot:
+            continue
+        zero.append(slot)
+        if g is None:
+            p.grad = slot
+        else:
+            foreign.append(g)
+            foreign_slots.append(slot)
+    if zero:
+        torch._foreach_zero_(zero)
+    _replay_backward(ctx, grad)
+    if foreign:
+        torch._foreach_add_(foreign, foreign_slots)
+
+
 def _replay_backward(ctx, grad) -> _Captured:
     """The backward graph replayed for the output gradient ``grad``; its owner no longer waits."""
     cap = ctx.cap
@@ -729,6 +809,19 @@ class _GraphedStep(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        cap = ctx.cap
+        if cap.sink is not None:
+            # The graph adds into the sink: start its slots from zero, and first give a parameter
+            # whose .grad is its slot (from a direct-gradient step) a .grad of its own.
+            for i in cap.used:
+                if cap.params[i].grad is cap.sink.slots[i]:
+                    cap.params[i].grad = cap.sink.slots[i].clone()
+            slots = [cap.sink.slots[i] for i in cap.used]
+            if slots:
+                torch._foreach_zero_(slots)
+            _replay_backward(ctx, grad)
+            copies = dict(zip(cap.used, torch._foreach_mul(slots, 1.0) if slots else ()))
+            return (None, *(copies.get(i) for i in range(len(cap.params))))
         cap = _replay_backward(ctx, grad)
         # Copies: the static buffers are overwritten by the next replay. One multi-tensor kernel
         # (x * 1.0 is exact) instead of a clone launch per parameter.

@@ -87,3 +87,57 @@ def test_direct_gradients_only_without_hooks_or_opt_out(monkeypatch):
     assert not graphs._direct_grads_possible((weight,))
     handle.remove()
     assert graphs._direct_grads_possible((weight,))
+
+
+def _fake_sink_capture(weight: torch.Tensor, x: torch.Tensor, sink):
+    """A 'captured' y = x @ W.T whose backward adds its gradient into a shared sink (as the graph does)."""
+    out = torch.zeros(x.shape[0], weight.shape[0])
+    grad_out = torch.zeros_like(out)
+
+    def fwd():
+        out.copy_(x @ weight.detach().T)
+
+    def bwd():
+        sink.slots[0].add_(grad_out.T @ x)
+
+    return graphs._Captured(_Replay(fwd), _Replay(bwd), None, out, grad_out, (weight,), None, sink, (0,))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_buckets_sharing_a_gradient_sink_accumulate_like_autograd(direct):
+    # Two buckets (two captures, one sink) in one step, then gradient accumulation, then a fresh
+    # step after zero_grad(set_to_none=True), then a .grad the user set: autograd's sums every time.
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    x1, x2, target = torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 3)
+    g1 = torch.autograd.grad(((x1 @ weight.T) * target).sum(), weight)[0]
+    g2 = torch.autograd.grad(((x2 @ weight.T) * target[:2]).sum(), weight)[0]
+    sink = graphs._GradSink((weight,))
+    owner = _graphed_encoder()
+    cap1, cap2 = _fake_sink_capture(weight, x1, sink), _fake_sink_capture(weight, x2, sink)
+
+    def step():
+        ((_step(owner, cap1, weight, direct) * target).sum() + (_step(owner, cap2, weight, direct) * target[:2]).sum()).backward()
+
+    step()
+    torch.testing.assert_close(weight.grad, g1 + g2)
+    assert (weight.grad is sink.slots[0]) == direct  # direct: the slot is .grad; edges: copies
+    step()  # accumulation
+    torch.testing.assert_close(weight.grad, 2 * (g1 + g2))
+    weight.grad = None
+    step()
+    torch.testing.assert_close(weight.grad, g1 + g2)
+    weight.grad = mine = torch.ones_like(weight)
+    step()
+    assert weight.grad is mine
+    torch.testing.assert_close(mine, 1 + g1 + g2)
+    weight.grad = None
+    (_step(owner, cap1, weight, not direct) * target).sum().backward()  # the other mode next
+    torch.testing.assert_close(weight.grad, g1)
+
+
+def test_gradient_sink_can_be_switched_off(monkeypatch):
+    monkeypatch.delenv("FASTST_GRAPH_GRAD_SINK", raising=False)
+    assert graphs._grad_sink_on()
+    monkeypatch.setenv("FASTST_GRAPH_GRAD_SINK", "0")
+    assert not graphs._grad_sink_on()

@@ -52,6 +52,8 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh sixteenth    one gradient sink for all buckets' backward graphs: parity, CachedMNRL full FT
+#                                             A/B with stock (peaks), plain full FT at 3,584 pairs (80 GB), issue #5 cells
 #   bash tests/gpu/run_acceptance.sh fifteenth    issue #8: cached mini-batches filled to graph buckets vs equal shares;
 #                                             plain MNRL at the largest batch an emulated 80 GB card holds
 #   bash tests/gpu/run_acceptance.sh fourteenth   issue #8's cell in full fine-tuning; LoRA with the exact first pass
@@ -415,6 +417,27 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+sixteenth)  # one gradient sink shared by every bucket's backward graph (FASTST_GRAPH_GRAD_SINK, default on): GPU
+            # parity (full fine-tuning under autocast, LoRA, cached losses), then CachedMNRL full fine-tuning A/B
+            # with stock beside (peaks), plain full FT at 3,584 pairs on an emulated 80 GB card, issue #5's cells
+  stage parity-amp; OUT=$R timeout 120 python3 tests/gpu/gpu_checks.py amp minilm bert-base > $R/amp.log 2>&1
+  stage parity-lora; OUT=$R timeout 100 python3 tests/gpu/gpu_checks.py lora minilm bert-base > $R/lora-parity.log 2>&1
+  grep -h '^{' $R/amp.log $R/lora-parity.log | python3 -c "import json,sys
+for l in sys.stdin:
+    r=json.loads(l); print(r.get('check'), r.get('model'), r.get('variant'), 'cos', r.get('cos_min'), 'grad rel max', r.get('grad_rel_err_max'), 'graphs', r.get('graphs_captured'), r.get('error',''))" >> $R/timeline.txt
+  stage cached-checks; OUT=$R timeout 120 python3 tests/gpu/memory_checks.py cached cached_amp cached_exact > $R/memory_checks.log 2>&1
+  grep -h '^{' $R/memory_checks.log | cut -c1-500 >> $R/timeline.txt
+  CELL="--no-dropout --steps 4 --repeats 3 --no-profile --models bert-base"
+  stage full-cached; timeout 200 $B train --mode full $CELL --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_GRAD_SINK=0 --out $R/full > $R/full.log 2>&1
+  stage full-plain-3584; timeout 100 python3 tests/gpu/emulate_card.py --gib 79 -- train --mode full $CELL --warmup 8 --batch-size 3584 \
+    --contenders fastst --out $R/full-plain-3584 > $R/full-plain-3584.log 2>&1
+  stage issue5; timeout 70 $B train $T --no-profile --models minilm,bert-base --contenders fastst,fastst+FASTST_GRAPH_GRAD_SINK=0 \
+    --out $R/issue5 > $R/issue5.log 2>&1
+  timeout 70 $B train $T --no-profile --models minilm,bert-base --contenders fastst,fastst+FASTST_GRAPH_GRAD_SINK=0 \
+    --mode full --out $R/issue5 --append >> $R/issue5.log 2>&1
+  grep -h "rep [0-9]\|out of memory\|emulate_card\|without CUDA graphs\|failed" $R/full*.log $R/issue5.log >> $R/timeline.txt
   ;;
 fifteenth)  # issue #8: cached mini-batches cut to fill CUDA-graph buckets (default) vs equal shares, A/B in one process,
             # full fine-tuning and LoRA; plain MNRL at 3,072 / 3,584 (full) and 3,072 / 4,096 (LoRA) pairs on an
