@@ -108,7 +108,7 @@ def token_budget_ranges(
 
     As few mini-batches as a greedy cut needs (or one more), cut where the fewest token positions
     are computed: a graphed mini-batch runs at its CUDA-graph bucket's size (``graphs.bucket_tokens``),
-    so the padding up to the bucket is real work. Candidates: cuts at equal shares of the tokens
+    so the padding up to the bucket (``fine`` buckets: a cached mini-batch's) is real work. Candidates: cuts at equal shares of the tokens
     (sizes recur from step to step, so they land in one or two buckets; a plain greedy cut leaves an
     odd remainder whose size, hence bucket, changes every step) and cuts that fill each mini-batch up
     to a bucket boundary, leaving the remainder to the last one (H200, bert-base, 1,024 pairs: six
@@ -136,7 +136,7 @@ def token_budget_ranges(
             continue
         # The first boundary at or above an equal share: a higher one would leave a small last
         # mini-batch, whose matmuls fill a fraction of the card's SMs.
-        filled = _fill_cut(hp, cumulative, min(bucket_tokens(-(-total // k)), budget))
+        filled = _fill_cut(hp, cumulative, min(bucket_tokens(-(-total // k), fine=True), budget))
         if len(filled) == k:
             candidates.append(filled)
     fits = [r for r in candidates if all(e - b == 1 or int(hp.cu_seqlens[e]) - int(hp.cu_seqlens[b]) <= budget for b, e in r)]
@@ -145,7 +145,7 @@ def token_budget_ranges(
     if not fill:
         return fits[0]
     # Fewest padded token positions; on a tie the earlier candidate (fewer mini-batches, equal shares).
-    return min(fits, key=lambda r: sum(bucket_tokens(int(hp.cu_seqlens[e]) - int(hp.cu_seqlens[b])) for b, e in r))
+    return min(fits, key=lambda r: sum(bucket_tokens(int(hp.cu_seqlens[e]) - int(hp.cu_seqlens[b]), fine=True) for b, e in r))
 
 
 def _fill_cut(hp: HostPack, cumulative: torch.Tensor, limit: int) -> list[tuple[int, int]]:

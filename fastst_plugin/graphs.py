@@ -148,12 +148,15 @@ def _capture_mode() -> str:
     return "global"
 
 
-def bucket_tokens(t: int) -> int:
+def bucket_tokens(t: int, fine: bool = False) -> int:
     """``t`` rounded up to its bucket: steps of 1/8 of the power of two below ``t``, and 1/16 past
     ``GRAPH_MAX_TOKENS`` (a large step's padding is real compute: 64 pairs of 1,024-token documents
-    padded 4.45 % at 4,096-token steps, 1.3 % at 2,048; more buckets, hence ``MAX_LARGE_GRAPHS``)."""
+    padded 4.45 % at 4,096-token steps, 1.3 % at 2,048; more buckets, hence ``MAX_LARGE_GRAPHS``).
+    ``fine``: 1/16 steps throughout, for a cached loss's with-gradient mini-batches (many large
+    mini-batches per step, each padded to its bucket; a step that finds no graph of its own replays
+    a larger captured one, see ``GraphedEncoder._larger_captured``)."""
     step = max(256, (1 << (max(t, 1).bit_length() - 1)) // 8)
-    if t > GRAPH_MAX_TOKENS:
+    if t > GRAPH_MAX_TOKENS or fine:
         step //= 2
     return int(math.ceil(t / step) * step)
 
@@ -476,9 +479,10 @@ class GraphedEncoder:
 
     def _key(self, hp: HostPack, grad: bool, mode: str) -> tuple:
         t = int(hp.cu_seqlens[-1])
-        t_b = bucket_tokens(t)
+        cached = getattr(hp, "coarse_seq_buckets", False)  # a cached loss's mini-batch
+        t_b = bucket_tokens(t, fine=grad and cached)
         n = hp.num_seqs + math.ceil((t_b - t) / self.cap)
-        coarse = not grad or getattr(hp, "coarse_seq_buckets", False)
+        coarse = not grad or cached
         return (t_b, bucket_seqs_no_grad(n) if coarse else bucket_seqs(n),
                 self.encoder.base.training, self.encoder.uses_token_types, _autocast_dtype(), mode, grad)
 

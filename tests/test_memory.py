@@ -665,15 +665,16 @@ def test_token_budget_ranges_are_balanced():
 
 def test_token_budget_ranges_fill_up_to_a_graph_bucket():
     # 141 texts of 100 tokens, budget 5,120: three equal shares of 4,700 tokens each run in the
-    # 5,120-token CUDA-graph bucket (15,360 positions); filled to 5,120, the last mini-batch holds
-    # 3,900 tokens and runs in the 4,096 bucket (14,336 positions; four equal shares: 14,592).
+    # 4,864-token CUDA-graph bucket (a cached mini-batch's fine buckets: 14,592 positions); filled to
+    # 4,864, the last mini-batch holds 4,500 tokens and runs in the 4,608 bucket (14,336 positions;
+    # four equal shares: 14,464).
     from fastst_plugin.graphs import bucket_tokens
 
     ids = torch.ones(141, 100, dtype=torch.long)
     hp = host_pack(ids, torch.ones_like(ids), None)
     ranges = token_budget_ranges(hp, 1, 5120)
-    assert ranges == [(0, 51), (51, 102), (102, 141)]
-    assert sum(bucket_tokens(100 * (e - b)) for b, e in ranges) == 14336
+    assert ranges == [(0, 48), (48, 96), (96, 141)]
+    assert sum(bucket_tokens(100 * (e - b), fine=True) for b, e in ranges) == 14336
 
 
 def test_cached_columns_get_the_widest_columns_budget(tmp_path):

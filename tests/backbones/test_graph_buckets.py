@@ -21,6 +21,24 @@ def test_buckets_grow_by_about_an_eighth():
     # past GRAPH_MAX_TOKENS (large training steps) the steps are halved: their padding is real compute
     assert bucket_tokens(32768) == 32768 and bucket_tokens(32769) == 34816
     assert [bucket_tokens(t) for t in (50513, 49931, 48931, 46675)] == [51200, 51200, 49152, 47104]
+    # a cached loss's with-gradient mini-batches: 1/16 steps throughout
+    assert bucket_tokens(12407) == 13312 and bucket_tokens(12407, fine=True) == 12800
+    assert bucket_tokens(1, fine=True) == 128 and bucket_tokens(32769, fine=True) == 34816
+
+
+def test_cached_mini_batches_get_fine_buckets_with_gradients_only():
+    from types import SimpleNamespace
+
+    from fastst_plugin import graphs
+    from fastst_plugin.cached_losses import slice_host_pack
+
+    graphed = graphs.GraphedEncoder(SimpleNamespace(base=SimpleNamespace(training=True), uses_token_types=False), cap=256)
+    ids = torch.ones(124, 100, dtype=torch.long)
+    hp = host_pack(ids, torch.ones_like(ids), None)  # 12,400 tokens
+    sub, _ = slice_host_pack(hp, 0, 124)
+    assert graphed._key(hp, True, "off")[0] == 13312  # a plain training step
+    assert graphed._key(sub, True, "off")[0] == 12800  # the cached replay: 1/16 steps
+    assert graphed._key(sub, False, "off")[0] == 13312  # its no-gradient first pass: coarse, as inference
 
 
 def test_inference_sequence_buckets_are_powers_of_two():

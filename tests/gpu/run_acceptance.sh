@@ -52,6 +52,7 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh seventeenth  issue #8 with the session's defaults: cached vs plain (3,072 / 3,584 pairs, 80 GB)
 #   bash tests/gpu/run_acceptance.sh sixteenth    one gradient sink for all buckets' backward graphs: parity, CachedMNRL full FT
 #                                             A/B with stock (peaks), plain full FT at 3,584 pairs (80 GB), issue #5 cells
 #   bash tests/gpu/run_acceptance.sh fifteenth    issue #8: cached mini-batches filled to graph buckets vs equal shares;
@@ -417,6 +418,26 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+seventeenth)  # issue #8 with the session's defaults (filled cuts, fine buckets for cached mini-batches, gradient sink):
+             # cached-gradient checks; CachedMNRL full FT (A/B equal-share cuts) and LoRA; plain MNRL at 3,072 / 3,584
+             # pairs on an emulated 80 GB card, full and LoRA
+  stage cached-checks; OUT=$R timeout 100 python3 tests/gpu/memory_checks.py cached cached_amp > $R/memory_checks.log 2>&1
+  grep -h '^{' $R/memory_checks.log | cut -c1-500 >> $R/timeline.txt
+  CELL="--no-dropout --steps 4 --repeats 3 --no-profile --models bert-base"
+  stage full-cached; timeout 100 $B train --mode full $CELL --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders fastst,fastst+FASTST_CACHED_CUTS=balanced --out $R/full > $R/full.log 2>&1
+  for n in 3072 3584; do stage full-plain-$n
+    timeout 80 python3 tests/gpu/emulate_card.py --gib 79 -- train --mode full $CELL --warmup 8 --batch-size $n \
+      --contenders fastst --out $R/full-plain-$n > $R/full-plain-$n.log 2>&1
+  done
+  stage lora-cached; timeout 80 $B train $CELL --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
+    --contenders fastst --out $R/lora > $R/lora.log 2>&1
+  for n in 3072 3584; do stage lora-plain-$n
+    timeout 80 python3 tests/gpu/emulate_card.py --gib 79 -- train $CELL --warmup 8 --batch-size $n \
+      --contenders fastst --out $R/lora-plain-$n > $R/lora-plain-$n.log 2>&1
+  done
+  grep -h "rep [0-9]\|out of memory\|emulate_card\|without CUDA graphs\|failed" $R/full*.log $R/lora*.log >> $R/timeline.txt
   ;;
 sixteenth)  # one gradient sink shared by every bucket's backward graph (FASTST_GRAPH_GRAD_SINK, default on): GPU
             # parity (full fine-tuning under autocast, LoRA, cached losses), then CachedMNRL full fine-tuning A/B
