@@ -52,6 +52,7 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh eighteenth   issue #5's cells (GPU busy, peaks) with the gradient sink; MiniLM 128/256 A/B
 #   bash tests/gpu/run_acceptance.sh seventeenth  issue #8 with the session's defaults: cached vs plain (3,072 / 3,584 pairs, 80 GB)
 #   bash tests/gpu/run_acceptance.sh sixteenth    one gradient sink for all buckets' backward graphs: parity, CachedMNRL full FT
 #                                             A/B with stock (peaks), plain full FT at 3,584 pairs (80 GB), issue #5 cells
@@ -418,6 +419,15 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+eighteenth)  # issue #5's cells with the session's defaults (gradient sink), GPU busy share measured; MiniLM at 128 and
+            # 256 with stock built first (it takes the process's one-time cuBLAS workspaces), then fastst and
+            # fastst without the sink, so their peaks compare
+  stage minilm; timeout 150 $B train $T --models minilm --max-seq-length 128,256 \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_GRAD_SINK=0 --out $R/minilm > $R/minilm.log 2>&1
+  stage bert-modernbert; timeout 150 $B train $T --models bert-base,modernbert-base --contenders stock,fastst \
+    --out $R/bert > $R/bert.log 2>&1
+  grep -h "rep [0-9]\|out of memory\|failed" $R/minilm.log $R/bert.log >> $R/timeline.txt
   ;;
 seventeenth)  # issue #8 with the session's defaults (filled cuts, fine buckets for cached mini-batches, gradient sink):
              # cached-gradient checks; CachedMNRL full FT (A/B equal-share cuts) and LoRA; plain MNRL at 3,072 / 3,584
