@@ -136,8 +136,12 @@ def test_buckets_sharing_a_gradient_sink_accumulate_like_autograd(direct):
     torch.testing.assert_close(weight.grad, g1)
 
 
-def test_gradient_sink_can_be_switched_off(monkeypatch):
+def test_gradient_sink_for_large_gradient_sets_unless_switched(monkeypatch):
+    small = (torch.nn.Parameter(torch.zeros(1024)),)
+    large = (torch.nn.Parameter(torch.zeros(graphs.GRAD_SINK_MIN_BYTES // 4)),)  # fp32: exactly the threshold
     monkeypatch.delenv("FASTST_GRAPH_GRAD_SINK", raising=False)
-    assert graphs._grad_sink_on()
+    assert graphs._grad_sink_wanted(large) and not graphs._grad_sink_wanted(small)  # auto: full FT, not LoRA
+    monkeypatch.setenv("FASTST_GRAPH_GRAD_SINK", "1")
+    assert graphs._grad_sink_wanted(small)
     monkeypatch.setenv("FASTST_GRAPH_GRAD_SINK", "0")
-    assert not graphs._grad_sink_on()
+    assert not graphs._grad_sink_wanted(large)

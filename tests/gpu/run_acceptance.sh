@@ -52,6 +52,7 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh nineteenth   the gradient sink for large gradient sets only: MiniLM A/B, cached cells
 #   bash tests/gpu/run_acceptance.sh eighteenth   issue #5's cells (GPU busy, peaks) with the gradient sink; MiniLM 128/256 A/B
 #   bash tests/gpu/run_acceptance.sh seventeenth  issue #8 with the session's defaults: cached vs plain (3,072 / 3,584 pairs, 80 GB)
 #   bash tests/gpu/run_acceptance.sh sixteenth    one gradient sink for all buckets' backward graphs: parity, CachedMNRL full FT
@@ -419,6 +420,15 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+nineteenth)  # the gradient sink for large gradient sets only (auto): MiniLM LoRA 128/256 (no sink) vs the sink forced,
+            # CachedMNRL 1,024 pairs full FT (sink) and LoRA (none) with the final defaults
+  stage minilm; timeout 120 $B train $T --models minilm --max-seq-length 128,256 \
+    --contenders stock,fastst,fastst+FASTST_GRAPH_GRAD_SINK=1 --out $R/minilm > $R/minilm.log 2>&1
+  CELL="--no-dropout --steps 4 --repeats 3 --no-profile --models bert-base --warmup 5 --batch-size 1024 --loss cached-mnrl --mini-batch-size 64"
+  stage full-cached; timeout 90 $B train --mode full $CELL --contenders fastst --out $R/cached > $R/cached.log 2>&1
+  stage lora-cached; timeout 90 $B train $CELL --contenders fastst --out $R/cached --append >> $R/cached.log 2>&1
+  grep -h "rep [0-9]\|out of memory\|failed" $R/minilm.log $R/cached.log >> $R/timeline.txt
   ;;
 eighteenth)  # issue #5's cells with the session's defaults (gradient sink), GPU busy share measured; MiniLM at 128 and
             # 256 with stock built first (it takes the process's one-time cuBLAS workspaces), then fastst and
