@@ -367,9 +367,11 @@ class _GradSink:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
 
-# The sink saves (buckets - 1) x the trainable gradients' bytes of graph pool; below this it saves
-# little, and LoRA's many small gradients are cheaper handed out as before (H200, MiniLM LoRA 64
-# pairs: with the sink 0.07 GB more peak at 128 tokens and ~0.3 ms slower steps on a slow host).
+# The sink saves (buckets - 1) x the trainable gradients' bytes of graph pool. LoRA's gradients are
+# megabytes: nothing to save, so LoRA keeps the per-bucket copies (and plain .grad semantics). On one
+# H200, MiniLM LoRA 64 pairs, sink vs none: the same peaks and step times once the A/B's build order
+# is accounted for (the first fastst contender built in a process was 0.07 GB higher and slower
+# whichever variant it was; calls 4 and 5 of 2026-11-30).
 GRAD_SINK_MIN_BYTES = 64 << 20
 
 
