@@ -107,13 +107,13 @@ def token_budget_ranges(
     padded width); a text longer than the budget is a mini-batch of its own. Host data only.
 
     As few mini-batches as a greedy cut needs (or one more), cut where the fewest token positions
-    are computed: a graphed mini-batch runs at its CUDA-graph bucket's size (``graphs.bucket_tokens``),
-    so the padding up to the bucket (``fine`` buckets: a cached mini-batch's) is real work. Candidates: cuts at equal shares of the tokens
-    (sizes recur from step to step, so they land in one or two buckets; a plain greedy cut leaves an
-    odd remainder whose size, hence bucket, changes every step) and cuts that fill each mini-batch up
-    to a bucket boundary, leaving the remainder to the last one (H200, bert-base, 1,024 pairs: six
-    equal shares of ~14.0k tokens padded to 14,336 each waste 2–5 % of the documents' work; filled
-    to 14,336 the waste is the last one's). Falls back to the greedy cut when nothing else fits the
+    are computed: a graphed mini-batch runs at its CUDA-graph bucket's size (a cached mini-batch's
+    ``graphs.bucket_tokens(fine=True)``), so the padding up to the bucket is real work. Candidates:
+    cuts at equal shares of the tokens (sizes recur from step to step, so they land in one or two
+    buckets; a plain greedy cut leaves an odd remainder whose size, hence bucket, changes every
+    step) and cuts that fill each mini-batch up to a bucket boundary, leaving the remainder to the
+    last one (H200, bert-base, 1,024 pairs: six equal shares of ~14.0k tokens padded to 14,336 each
+    wasted 2–5 % of the documents' work; filled to a boundary the waste is the last one's). Falls back to the greedy cut when nothing else fits the
     budget (very long texts). ``FASTST_CACHED_CUTS=balanced`` keeps to equal shares."""
     n = hp.orig_shape[0]
     if n == 0:
