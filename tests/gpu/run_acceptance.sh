@@ -52,6 +52,7 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
+#   bash tests/gpu/run_acceptance.sh aa           A/A: one fastst configuration built twice in a process (build-order bias)
 #   bash tests/gpu/run_acceptance.sh nineteenth   the gradient sink for large gradient sets only: MiniLM A/B, cached cells
 #   bash tests/gpu/run_acceptance.sh eighteenth   issue #5's cells (GPU busy, peaks) with the gradient sink; MiniLM 128/256 A/B
 #   bash tests/gpu/run_acceptance.sh seventeenth  issue #8 with the session's defaults: cached vs plain (3,072 / 3,584 pairs, 80 GB)
@@ -420,6 +421,14 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
+  ;;
+aa)  # A/A: the same fastst configuration built twice in one process (FASTST_AA_TWIN=1 changes nothing), to size
+     # the build-order bias of fastst-vs-fastst A/Bs (peak and step time), MiniLM 128/256 and bert-base 256
+  stage aa-minilm; timeout 120 $B train $T --models minilm --max-seq-length 128,256 \
+    --contenders stock,fastst,fastst+FASTST_AA_TWIN=1 --out $R/aa > $R/aa.log 2>&1
+  stage aa-bert; timeout 100 $B train $T --models bert-base --contenders fastst,fastst+FASTST_AA_TWIN=1 \
+    --out $R/aa --append >> $R/aa.log 2>&1
+  grep -h "rep [0-9]\|out of memory\|failed" $R/aa.log >> $R/timeline.txt
   ;;
 nineteenth)  # the gradient sink for large gradient sets only (auto): MiniLM LoRA 128/256 (no sink) vs the sink forced,
             # CachedMNRL 1,024 pairs full FT (sink) and LoRA (none) with the final defaults
