@@ -70,6 +70,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .config import env_mode
 from .graphs import bucket_tokens
 from .log import logger
 from .packing import HOST_PACK_KEY, HostPack
@@ -486,12 +487,10 @@ def _prepare_replay_graph(loss, sentence_feature, begin: int, end: int) -> bool:
 def _keep_first_setting() -> str:
     """``FASTST_CACHED_KEEP_FIRST``: ``auto`` (default), ``graph``, ``eager`` (also ``1``), ``0`` (off
     when CUDA graphs replay; without them the eager keep is always on). See ``_keep_first_mode``."""
-    value = os.environ.get("FASTST_CACHED_KEEP_FIRST", "auto").strip().lower()
-    if value in ("1", "true", "on", "yes", "eager"):
+    value = env_mode("FASTST_CACHED_KEEP_FIRST")
+    if value in ("on", "eager"):
         return "eager"
-    if value in ("0", "false", "off", "no"):
-        return "off"
-    return "graph" if value == "graph" else "auto"
+    return value if value in ("off", "graph") else "auto"
 
 
 def _keep_first_mode(loss, columns) -> str | bool:

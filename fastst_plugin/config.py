@@ -117,10 +117,21 @@ _NORMALIZERS = {
 
 
 
+_OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes")
+
+
 def env_switch(name: str) -> bool:
     """A ``FASTST_*`` on/off switch that is on unless set to ``0``, ``false``, ``off`` or ``no``
     (read at each call, so a process can A/B it)."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+    return os.environ.get(name, "1").strip().lower() not in _OFF
+
+
+def env_mode(name: str, default: str = "auto") -> str:
+    """A multi-valued ``FASTST_*`` setting: ``"off"`` for 0/false/off/no, ``"on"`` for 1/true/on/yes,
+    else the value in lower case (``default`` when unset or empty). Read at each call."""
+    value = os.environ.get(name, "").strip().lower() or default
+    return "off" if value in _OFF else "on" if value in _ON else value
 
 def env_defaults() -> dict[str, Any]:
     """Option defaults taken from ``FASTST_*`` environment variables."""

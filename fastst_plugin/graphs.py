@@ -56,7 +56,7 @@ import weakref
 import numpy as np
 import torch
 
-from .config import env_switch
+from .config import env_mode, env_switch
 from .log import logger, warn_once
 from .packing import HostPack, PackedBatch
 
@@ -123,11 +123,9 @@ def _ddp_graphs(encoder) -> bool:
     fails anyway would leave the CUDA generator in capture state, and the next dropout would stop the
     run ("Offset increment outside graph capture", seen 2026-11-28); without dropout a failed capture
     only costs the eager fallback."""
-    setting = os.environ.get("FASTST_DDP_GRAPHS", "auto").strip().lower()
-    if setting in ("0", "false", "off", "no"):
-        return False
-    if setting in ("1", "true", "on", "yes"):
-        return True
+    setting = env_mode("FASTST_DDP_GRAPHS")
+    if setting in ("on", "off"):
+        return setting == "on"
     return not encoder.draws_random_numbers()
 
 
@@ -380,11 +378,9 @@ def _grad_sink_wanted(params) -> bool:
     """``FASTST_GRAPH_GRAD_SINK``: ``auto`` (default: when the trainable gradients take at least
     GRAD_SINK_MIN_BYTES, i.e. full fine-tuning of anything but the smallest models), ``1`` always,
     ``0`` never (static gradients per bucket, as before)."""
-    value = os.environ.get("FASTST_GRAPH_GRAD_SINK", "auto").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes"):
-        return True
+    value = env_mode("FASTST_GRAPH_GRAD_SINK")
+    if value in ("on", "off"):
+        return value == "on"
     return sum(p.numel() * p.element_size() for p in params) >= GRAD_SINK_MIN_BYTES
 
 

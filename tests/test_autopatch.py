@@ -175,3 +175,20 @@ def test_hook_registration_waits_for_wrapt(run_python, tmp_path):
     proc, report = run_python(["-c", code], cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report == {"REGISTERED": "True", "FIRED": "['sentence_transformers']"}
+
+
+def test_env_switches_and_modes_read_the_same_words(monkeypatch):
+    # Every FASTST_* on/off switch and multi-valued setting parses on/off the same way, at each call.
+    from fastst_plugin.config import env_mode, env_switch
+
+    monkeypatch.delenv("FASTST_TEST_SETTING", raising=False)
+    assert env_switch("FASTST_TEST_SETTING") and env_mode("FASTST_TEST_SETTING") == "auto"
+    assert env_mode("FASTST_TEST_SETTING", "inference") == "inference"
+    for word, on in (("0", False), ("False", False), (" off ", False), ("no", False), ("1", True), ("yes", True), ("ON", True)):
+        monkeypatch.setenv("FASTST_TEST_SETTING", word)
+        assert env_switch("FASTST_TEST_SETTING") is on
+        assert env_mode("FASTST_TEST_SETTING") == ("on" if on else "off")
+    monkeypatch.setenv("FASTST_TEST_SETTING", "Graph")
+    assert env_mode("FASTST_TEST_SETTING") == "graph" and env_switch("FASTST_TEST_SETTING")
+    monkeypatch.setenv("FASTST_TEST_SETTING", "")
+    assert env_mode("FASTST_TEST_SETTING", "inference") == "inference"

@@ -33,7 +33,6 @@ training trajectory), the node itself runs over that merged weight with gradient
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Callable
 
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpointing import recompute_hint, selective_active
+from ..config import env_mode
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False):
@@ -165,10 +165,13 @@ MERGE_TRAFFIC_RATIO = 4
 
 
 def _merge_setting() -> str:
-    value = os.environ.get("FASTST_LORA_MERGE_NO_GRAD", "inference").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return "off"
-    return "always" if value in ("1", "true", "on", "yes", "always") else "inference"
+    value = env_mode("FASTST_LORA_MERGE_NO_GRAD", "inference")
+    return value if value == "off" else "always" if value in ("on", "always") else "inference"
+
+
+def _call_shape(x, lora_a, lora_b) -> tuple[int, int, int]:
+    """(tokens, N, K) of a LoRA linear call: what the merge rules weigh against each other."""
+    return x.numel() // max(x.shape[-1], 1), lora_b.shape[0], lora_a.shape[1]
 
 
 def merge_pays(x, weight, weight_fn, lora_a, lora_b) -> bool:
@@ -179,8 +182,7 @@ def merge_pays(x, weight, weight_fn, lora_a, lora_b) -> bool:
     setting = _merge_setting()
     if setting == "off" or (setting == "inference" and not torch.is_inference_mode_enabled()):
         return False
-    n, k = lora_b.shape[0], lora_a.shape[1]
-    tokens = x.numel() // max(x.shape[-1], 1)
+    tokens, n, k = _call_shape(x, lora_a, lora_b)
     return tokens * (k + 2 * n) >= MERGE_TRAFFIC_RATIO * n * k
 
 
@@ -218,8 +220,8 @@ MERGE_GRAD_TRAFFIC_RATIO = 2
 
 
 def _merge_grad_mode() -> str:
-    value = os.environ.get("FASTST_LORA_MERGE_GRAD", "0").strip().lower()
-    return {"1": "on", "true": "on", "on": "on", "auto": "auto"}.get(value, "off")
+    value = env_mode("FASTST_LORA_MERGE_GRAD", "off")
+    return value if value in ("on", "auto") else "off"
 
 
 def merge_pays_with_grad(x, weight, lora_a, lora_b) -> bool:
@@ -229,8 +231,7 @@ def merge_pays_with_grad(x, weight, lora_a, lora_b) -> bool:
         return False
     if mode == "on":
         return True
-    n, k = lora_b.shape[0], lora_a.shape[1]
-    tokens = x.numel() // max(x.shape[-1], 1)
+    tokens, n, k = _call_shape(x, lora_a, lora_b)
     return tokens * (n + k) >= MERGE_GRAD_TRAFFIC_RATIO * n * k
 
 
