@@ -174,3 +174,57 @@ def test_merge_with_gradients_rule(monkeypatch):
     assert not L.merge_pays_with_grad(xw, ww, aw, bmw)
     monkeypatch.setenv("FASTST_LORA_MERGE_GRAD", "0")
     assert not L.merge_pays_with_grad(x, w, a, bm)
+
+
+@pytest.mark.parametrize("form", ["weight", "blocks", "weight_fn"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scaling", [1.0, 0.7])
+def test_concatenated_product_equals_the_in_place_form(monkeypatch, form, bias, scaling):
+    """FASTST_LORA_CONCAT: y = [x | s u] [W | B]ᵀ + b as one product over K + r columns; values and
+    gradients equal the in-place form's and the reference's, with gradients and without, for a
+    plain, a row-block and a de-quantized (weight_fn) base; the frozen weight is never written."""
+    x, w, b, a, bm, g = _inputs((4, 10), 6, 13, 3, bias, False)
+    frozen = w.detach().clone()
+    weight = {"weight": w, "blocks": (w[:5].detach(), w[5:].detach()), "weight_fn": None}[form]
+    kwargs = {"weight_fn": lambda: frozen.clone()} if form == "weight_fn" else {}
+    ref_y, ref_g = _run(lambda *t: L.lora_linear_reference(*t, scaling), x, w, b, a, bm, g)
+    calls = []
+    real = L._concat_product
+    monkeypatch.setattr(L, "_concat_product", lambda *t: calls.append(1) or real(*t))
+    for mode, used in (("1", 1), ("0", 0)):
+        monkeypatch.setenv("FASTST_LORA_CONCAT", mode)
+        calls.clear()
+        y, grads = _run(lambda x_, w_, b_, a_, bm_: L.lora_linear(x_, weight, b_, a_, bm_, scaling, **kwargs), x, w, b, a, bm, g)
+        assert len(calls) == used
+        torch.testing.assert_close(y, ref_y)
+        for got, want in zip(grads, ref_g):
+            torch.testing.assert_close(got, want)
+        with torch.no_grad():
+            torch.testing.assert_close(L.lora_linear(x, weight, b, a, bm, scaling, **kwargs), ref_y)
+    torch.testing.assert_close(frozen, w.detach(), rtol=0, atol=0)
+
+
+def test_concatenated_product_rule_and_dropout(monkeypatch):
+    """auto: concatenated when T (N - K) >= N K (wide projections, enough tokens); with dropout the
+    rank-r operand is dropout(x) Aᵀ and the gradients are those of the same mask."""
+    monkeypatch.delenv("FASTST_LORA_CONCAT", raising=False)
+    x, w, b, a, bm, g = _inputs((40,), 6, 13, 3, False, False)
+    assert not L.concat_pays(x, a, bm)  # auto: CUDA only (the rule weighs GPU memory traffic)
+    on_cuda = type("OnCuda", (), {"device": torch.device("cuda"), "shape": x.shape, "numel": x.numel})
+    # 40 tokens x (13 - 6) = 280 >= 13 x 6 = 78; 11 tokens: 77 < 78; N <= K never
+    assert L.concat_pays(on_cuda(), a, bm) and not L.concat_pays(on_cuda(), a, bm[:6])
+    on_cuda.shape, on_cuda.numel = x[:11].shape, x[:11].numel
+    assert not L.concat_pays(on_cuda(), a, bm)
+    on_cuda.shape, on_cuda.numel = x[:12].shape, x[:12].numel
+    assert L.concat_pays(on_cuda(), a, bm)
+    monkeypatch.setenv("FASTST_LORA_CONCAT", "0")
+    assert not L.concat_pays(x, a, bm)
+    monkeypatch.setenv("FASTST_LORA_CONCAT", "1")
+    torch.manual_seed(0)
+    y, grads = _run(lambda *t: L.lora_linear(*t, 1.0, dropout_p=0.5, training=True), x, w, b, a, bm, g)
+    torch.manual_seed(0)
+    mask = torch.empty_like(x).bernoulli_(0.5).div_(0.5)
+    ref_y, ref_g = _run(lambda x_, w_, b_, a_, bm_: x_ @ w_.t() + ((x_ * mask) @ a_.t()) @ bm_.t(), x, w, b, a, bm, g)
+    torch.testing.assert_close(y, ref_y)
+    for got, want in zip(grads, ref_g):
+        torch.testing.assert_close(got, want)
