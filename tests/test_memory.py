@@ -307,26 +307,6 @@ def test_lora_merged_with_gradients_opt_in(tmp_path, monkeypatch, family, mode):
     _assert_same(got, ref, rtol=1e-4)  # the issue's fp32 parity bound
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_lora_concatenated_product_equals_the_in_place_form(tmp_path, monkeypatch, family):
-    """FASTST_LORA_CONCAT=1 (auto on CUDA): every LoRA projection as one product over [x | s u] and
-    [W | B]; in fp32 equal to the in-place form to rounding, embeddings and gradients."""
-    from fastst_plugin.kernels import lora as L
-
-    model = _build(tmp_path, family, lora=4)
-    fastst_plugin.enable_fast(model)
-    calls = []
-    real = L._concat_product
-    monkeypatch.setattr(L, "_concat_product", lambda *t: calls.append(1) or real(*t))
-    monkeypatch.setenv("FASTST_LORA_CONCAT", "0")
-    ref = _embed_and_grads(model)
-    assert calls == []
-    monkeypatch.setenv("FASTST_LORA_CONCAT", "1")
-    got = _embed_and_grads(model)
-    assert calls
-    _assert_same(got, ref, rtol=1e-4)
-
-
 def test_recomputed_together_recomputes_once_and_holds_no_cycle():
     """Two tensors from one recompute: recomputed once per backward; the op's own saved output is
     kept detached, so a forward without a backward frees it (no cycle through its grad_fn)."""

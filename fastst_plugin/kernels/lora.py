@@ -50,7 +50,7 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.
 
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, blocks=None, merged=False, concat=False):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, weight_fn, blocks=None, merged=False):
         ctx.merged = merged
         if merged:
             # y = x (W + s B A)ᵀ + b: one GEMM (bias in its epilogue) over a temporary merged weight,
@@ -77,13 +77,6 @@ class _LoRALinearFn(torch.autograd.Function):
         # the GEMM's epilogue. Under selective checkpointing the output must come from one
         # out-of-place op, which the policy stores (it cannot store an in-place op's output), and
         # the delta is marked for recomputation: there the copy is paid.
-        if concat:
-            y = _concat_product(x2, u2, w, blocks, bias, lora_b, scaling).view(*x.shape[:-1], lora_b.shape[0])
-            ctx.blocks, ctx.scaling, ctx.weight_fn = blocks, scaling, weight_fn
-            ctx.w_needs_grad = weight is not None and weight.requires_grad
-            ctx.b_needs_grad = bias is not None and bias.requires_grad
-            ctx.save_for_backward(x, weight if weight_fn is None else None, lora_a, lora_b, u, mask)
-            return y
         with recompute_hint():
             if bias is not None:
                 delta = torch.addmm(bias, u2, lora_b.t(), alpha=scaling)
@@ -151,54 +144,7 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_w = (g.t() @ x2).to(weight.dtype)
         if ctx.b_needs_grad and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(grad_out.dtype)
-        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None, None, None
-
-
-# The unmerged forward writes the [T, N] low-rank term and the base GEMM reads it back in its
-# epilogue: 2 T N values beyond the base product (on the MLP's up-projection, N = 4K: +36 % over the
-# base GEMM alone; H200, 122,880 tokens, thirteenth session). Concatenated along K instead,
-# ``y = [x | s u] [W | B]ᵀ + b`` is one GEMM with K + r columns, one fp32 accumulator and one
-# rounding, and costs a copy of x into the wider operand (2 T K values) plus the [N, K + r] weight
-# (~2 N K): it pays when T (N - K) >= N K, i.e. on the wide projections (fused Q/K/V, the MLP's
-# up or gate/up) past ~1,000-2,000 tokens; narrow ones (N <= K) keep the in-place form.
-# FASTST_LORA_CONCAT: auto (default; CUDA only), 1 whenever allowed, 0 never. Not under selective checkpointing
-# (its policy stores the delta form's output) and not with the merged node.
-
-
-def concat_pays(x, lora_a, lora_b) -> bool:
-    mode = env_mode("FASTST_LORA_CONCAT")
-    if mode == "off" or selective_active():
-        return False
-    if mode == "on":
-        return True
-    if x.device.type != "cuda":  # the traffic rule is a GPU one; CPU encode keeps its measured path
-        return False
-    tokens, n, k = _call_shape(x, lora_a, lora_b)
-    return tokens * (n - k) >= n * k
-
-
-def _concat_product(x2, u2, w, blocks, bias, lora_b, scaling: float):
-    """``[x | s u] [W | B]ᵀ + b`` for 2-D ``x2`` [T, K], ``u2`` [T, r]: the two operands assembled
-    in one wide buffer each (W from ``w`` or its frozen row ``blocks``), then one GEMM."""
-    t, k = x2.shape
-    r = u2.shape[1]
-    xw = torch.empty(t, k + r, dtype=x2.dtype, device=x2.device)
-    xw[:, :k].copy_(x2)
-    if scaling == 1.0:
-        xw[:, k:].copy_(u2)
-    else:
-        torch.mul(u2, scaling, out=xw[:, k:])
-    n = lora_b.shape[0]
-    ww = torch.empty(n, k + r, dtype=x2.dtype, device=x2.device)
-    if blocks is not None:
-        row = 0
-        for wb in blocks:
-            ww[row : row + wb.shape[0], :k].copy_(wb)
-            row += wb.shape[0]
-    else:
-        ww[:, :k].copy_(w)
-    ww[:, k:].copy_(lora_b)
-    return F.linear(xw, ww, bias)
+        return grad_x, grad_w, grad_b, grad_a, grad_bm, None, None, None, None, None
 
 
 # A forward that needs no gradient folds the adapter into the weight when its tokens outweigh the
@@ -334,5 +280,4 @@ def lora_linear(
             # A scaled keep-mask in x's dtype: dropout(x) == x * mask, and backward reuses it.
             mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
         merged = mask is None and merge_pays_with_grad(x, weight, lora_a, lora_b)
-        concat = not merged and concat_pays(x, lora_a, lora_b)
-        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, blocks, merged, concat)
+        return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, weight_fn, blocks, merged)

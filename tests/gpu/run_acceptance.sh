@@ -52,7 +52,6 @@
 #                                             that fits"); the attention's block map (opt-in then, built per call) A/B
 #   bash tests/gpu/run_acceptance.sh twelfth  the block map on by default and shared by a forward's layers, the rotated
 #                                             q/k recomputed in backward: parity, peaks, A/B (also twelfth2-4, profile8)
-#   bash tests/gpu/run_acceptance.sh concat       LoRA as one product over [x | s u], [W | B] vs in place: parity, A/B cells
 #   bash tests/gpu/run_acceptance.sh aa           A/A: one fastst configuration built twice in a process (build-order bias)
 #   bash tests/gpu/run_acceptance.sh nineteenth   the gradient sink for large gradient sets only: MiniLM A/B, cached cells
 #   bash tests/gpu/run_acceptance.sh eighteenth   issue #5's cells (GPU busy, peaks) with the gradient sink; MiniLM 128/256 A/B
@@ -422,16 +421,6 @@ for l in sys.stdin:
     --batch-size 1024 --loss cached-mnrl --mini-batch-size 64 \
     --contenders stock,fastst,fastst+FASTST_LORA_MERGE_NO_GRAD=0 --out $R/cached-drift > $R/cached-drift.log 2>&1
   grep -h "rep [0-9]\|out of memory" $R/cached-drift.log >> $R/timeline.txt
-  ;;
-concat)  # LoRA as one product over [x | s u] and [W | B] (FASTST_LORA_CONCAT, auto on CUDA) vs the in-place form (=0):
-         # GPU LoRA parity, 64-pair cells (bert-base, Qwen3-0.6B), CachedMNRL 1,024 pairs; the new form built first
-  stage parity-lora; OUT=$R timeout 60 python3 tests/gpu/gpu_checks.py lora bert-base > $R/lora-parity.log 2>&1
-  grep -h '^{' $R/lora-parity.log | cut -c1-300 >> $R/timeline.txt
-  AB=fastst,fastst+FASTST_LORA_CONCAT=0
-  stage cells; timeout 100 $B train $T --no-profile --models bert-base,qwen3-0.6b --contenders $AB --out $R/cells > $R/cells.log 2>&1
-  stage cached; timeout 90 $B train --no-dropout --steps 4 --repeats 3 --warmup 5 --no-profile --models bert-base --batch-size 1024 \
-    --loss cached-mnrl --mini-batch-size 64 --contenders $AB --out $R/cached > $R/cached.log 2>&1
-  grep -h "rep [0-9]\|out of memory\|failed" $R/cells.log $R/cached.log >> $R/timeline.txt
   ;;
 aa)  # A/A: the same fastst configuration built twice in one process (FASTST_AA_TWIN=1 changes nothing), to size
      # the build-order bias of fastst-vs-fastst A/Bs (peak and step time), MiniLM 128/256 and bert-base 256
