@@ -114,16 +114,28 @@ def token_budget_ranges(
     buckets; a plain greedy cut leaves an odd remainder whose size, hence bucket, changes every
     step) and cuts that fill each mini-batch up to a bucket boundary, leaving the remainder to the
     last one (H200, bert-base, 1,024 pairs: six equal shares of ~14.0k tokens padded to 14,336 each
-    wasted 2–5 % of the documents' work; filled to a boundary the waste is the last one's). Falls back to the greedy cut when nothing else fits the
-    budget (very long texts). ``FASTST_CACHED_CUTS=balanced`` keeps to equal shares."""
+    wasted 2–5 % of the documents' work; filled to a boundary the waste is the last one's). Falls
+    back to the greedy cut when nothing else fits the budget (very long texts).
+    ``FASTST_CACHED_CUTS=balanced`` keeps to equal shares."""
     n = hp.orig_shape[0]
     if n == 0:
         return []
     budget = token_budget(hp, mini_batch_size, mini_batch_num_tokens, width)
+    fill = os.environ.get("FASTST_CACHED_CUTS", "bucket").strip().lower() != "balanced"  # A/B switch
+    # Kept on the host pack: a step asks for its columns' ranges several times (keep-first planning,
+    # first-pass groups, stock's loops), and the candidates cost a few dozen small host ops each.
+    cache = hp.__dict__.setdefault("_fastst_ranges", {})
+    if (budget, fill) not in cache:
+        cache[(budget, fill)] = _best_cut(hp, budget, fill)
+    return list(cache[(budget, fill)])
+
+
+def _best_cut(hp: HostPack, budget: int, fill: bool) -> list[tuple[int, int]]:
+    """The cut ``token_budget_ranges`` describes (``fill``: bucket-filling candidates too)."""
+    n = hp.orig_shape[0]
     cumulative = hp.cu_seqlens[1:].to(torch.int64)
     greedy = _fill_cut(hp, cumulative, budget)
     total = int(cumulative[-1])
-    fill = os.environ.get("FASTST_CACHED_CUTS", "bucket").strip().lower() != "balanced"  # A/B switch
     candidates = []
     for k in (len(greedy), len(greedy) + 1):
         if k <= 1 or k > n:

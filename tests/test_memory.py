@@ -677,6 +677,23 @@ def test_token_budget_ranges_fill_up_to_a_graph_bucket():
     assert sum(bucket_tokens(100 * (e - b), fine=True) for b, e in ranges) == 14336
 
 
+def test_token_budget_ranges_are_computed_once_per_host_pack(monkeypatch):
+    # A step asks for a column's ranges several times; the cut is computed once per (budget, policy).
+    from fastst_plugin import cached_losses
+
+    calls = []
+    real = cached_losses._best_cut
+    monkeypatch.setattr(cached_losses, "_best_cut", lambda *a: calls.append(a[1:]) or real(*a))
+    ids = torch.ones(141, 100, dtype=torch.long)
+    hp = host_pack(ids, torch.ones_like(ids), None)
+    first = token_budget_ranges(hp, 1, 5120)
+    first.append((0, 0))  # callers get their own list
+    assert token_budget_ranges(hp, 1, 5120) == [(0, 48), (48, 96), (96, 141)]
+    monkeypatch.setenv("FASTST_CACHED_CUTS", "balanced")
+    assert token_budget_ranges(hp, 1, 5120) == [(0, 47), (47, 94), (94, 141)]
+    assert calls == [(5120, True), (5120, False)]
+
+
 def test_cached_columns_get_the_widest_columns_budget(tmp_path):
     # Queries get the documents' budget (mini_batch_size x the widest padded width of the call):
     # stock's largest mini-batch, so short queries run as few packed mini-batches.
